@@ -1,0 +1,248 @@
+"""Versioned message schemas for every NATS subject, and the agent record kept in Redis.
+
+Services never import each other; they agree on these models. Every model rejects unknown
+fields and unknown schema versions, so a message from a newer or tampered sender fails
+loudly instead of being half understood.
+
+Subjects (version 1):
+
+| subject | pattern | payload |
+|---|---|---|
+| `agents.v1.start` | request/reply, queue `supervisor` | StartAgentRequest -> StartAgentReply |
+| `agents.v1.host.<host>.stop` | request/reply | StopAgentRequest -> AgentRecordReply |
+| `agents.v1.host.<host>.logs` | request/reply | LogsRequest -> LogsReply |
+| `agents.v1.state.<agent>` | publish | AgentStateChanged |
+| `audit.<service>.<type>` | JetStream stream `AUDIT` | AuditEvent |
+
+Any request may instead be answered with ErrorReply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION: Literal[1] = 1
+
+SUBJECT_START = "agents.v1.start"
+START_QUEUE_GROUP = "supervisor"
+AUDIT_STREAM = "AUDIT"
+AUDIT_SUBJECTS = "audit.>"
+
+CorrelationId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+AgentId = Annotated[str, StringConstraints(pattern=r"^ag-[0-9a-f]{32}$")]
+ImageDigest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+HostId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+def new_agent_id() -> str:
+    """Return a fresh agent id; 128 random bits, so ids cannot be guessed or enumerated."""
+    return f"ag-{uuid.uuid4().hex}"
+
+
+def utc_now() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def host_subject(host_id: str, operation: Literal["stop", "logs"]) -> str:
+    """Return the request subject that reaches the supervisor on `host_id`."""
+    return f"agents.v1.host.{host_id}.{operation}"
+
+
+def state_subject(agent_id: str) -> str:
+    """Return the subject on which the supervisor publishes an agent's state changes."""
+    return f"agents.v1.state.{agent_id}"
+
+
+class Message(BaseModel):
+    """Base of every NATS payload: versioned, strict and traceable by correlation id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    correlation_id: CorrelationId
+
+
+class AgentState(StrEnum):
+    """Lifecycle state of an agent, in the order an agent normally passes through them."""
+
+    REQUESTED = "requested"
+    PULLING = "pulling"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+ACTIVE_STATES = frozenset(
+    {
+        AgentState.REQUESTED,
+        AgentState.PULLING,
+        AgentState.STARTING,
+        AgentState.READY,
+        AgentState.STOPPING,
+    }
+)
+FINAL_STATES = frozenset({AgentState.STOPPED, AgentState.FAILED})
+
+
+class StopReason(StrEnum):
+    """Why an agent's container ended."""
+
+    REQUESTED = "requested"
+    LIFETIME_EXCEEDED = "lifetime_exceeded"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+class AgentRecord(BaseModel):
+    """Everything known about one agent; stored in Redis and returned by the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: AgentId
+    state: AgentState
+    image_url: str
+    image_digest: ImageDigest
+    lifetime_seconds: int
+    correlation_id: CorrelationId
+    created_at: datetime
+    host_id: HostId | None = None
+    image_id: str | None = None
+    container_id: str | None = None
+    host_address: str | None = None
+    host_port: int | None = None
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    expires_at: datetime | None = None
+    stopped_at: datetime | None = None
+    exit_code: int | None = None
+    stop_reason: StopReason | None = None
+    killed_for_time: bool = False
+    failure_reason: str | None = None
+    failure_message: str | None = None
+
+
+class StartAgentRequest(Message):
+    """Ask any supervisor to download, verify and start an agent."""
+
+    kind: Literal["start_agent"] = "start_agent"
+    agent_id: AgentId
+    image_url: Annotated[str, StringConstraints(max_length=2048)]
+    image_digest: ImageDigest
+    lifetime_seconds: int = Field(gt=0)
+    env: dict[EnvName, Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class StartAgentReply(Message):
+    """The supervisor on `host_id` took the start request and works on it in the background."""
+
+    kind: Literal["start_accepted"] = "start_accepted"
+    agent_id: AgentId
+    host_id: HostId
+
+
+class StopAgentRequest(Message):
+    """Ask the supervisor that runs an agent to stop it and remove its container."""
+
+    kind: Literal["stop_agent"] = "stop_agent"
+    agent_id: AgentId
+
+
+class AgentRecordReply(Message):
+    """An agent's record after the requested operation."""
+
+    kind: Literal["agent_record"] = "agent_record"
+    record: AgentRecord
+
+
+class LogsRequest(Message):
+    """Ask the supervisor that runs an agent for the last `tail` lines of its output."""
+
+    kind: Literal["logs"] = "logs"
+    agent_id: AgentId
+    tail: int = Field(gt=0, le=10_000)
+
+
+class LogStream(StrEnum):
+    """The container stream a log line came from."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class LogLine(BaseModel):
+    """One sanitised line of agent output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stream: LogStream
+    time: datetime | None
+    text: str
+    truncated: bool = False
+
+
+class LogsReply(Message):
+    """Sanitised output of an agent's container."""
+
+    kind: Literal["logs_reply"] = "logs_reply"
+    agent_id: AgentId
+    container_id: str
+    lines: list[LogLine]
+
+
+class ErrorReply(Message):
+    """A request failed; `code` is a fixed reason code, `message` says what and why."""
+
+    kind: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class AgentStateChanged(Message):
+    """Published whenever the supervisor writes a new state to an agent's record."""
+
+    kind: Literal["agent_state"] = "agent_state"
+    record: AgentRecord
+
+
+class AuditOutcome(StrEnum):
+    """Result of an audited action."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DENIED = "denied"
+    INFO = "info"
+
+
+class AuditEvent(BaseModel):
+    """One audit record as published on `audit.<service>.<type>`; the schema is versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    time: datetime = Field(default_factory=utc_now)
+    service: str
+    host: str
+    type: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")]
+    actor: str
+    outcome: AuditOutcome
+    agent_id: str | None = None
+    correlation_id: str | None = None
+    reason_code: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        """Return the JetStream subject this event is published on."""
+        return f"audit.{self.service}.{self.type}"

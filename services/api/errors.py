@@ -1,0 +1,96 @@
+"""Errors of the gateway and their JSON form.
+
+Every error response has the body `{"error": {"code": ..., "message": ...}, "request_id": ...}`
+with a stable `code` that clients can branch on; the message is for people.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from libs.common import logs
+
+logger = logging.getLogger(__name__)
+
+UNAUTHORIZED_MESSAGE = (
+    "missing or invalid API key; send it in the X-API-Key header or as Authorization: Bearer"
+)
+
+
+class ApiError(Exception):
+    """An error answered to the client with `status` and a fixed `code`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class BodyTooLarge(Exception):
+    """The client sent more body bytes than the route allows (`limit`, in bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is over the limit of {limit} bytes")
+        self.limit = limit
+
+
+def error_body(code: str, message: str, *, details: Any = None) -> dict[str, Any]:
+    """Return the JSON body of an error response."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return {"error": error, "request_id": logs.current_correlation_id()}
+
+
+def error_response(status: int, code: str, message: str, *, details: Any = None) -> JSONResponse:
+    """Return a JSON error response."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(code, message, details=details), status, headers=headers)
+
+
+_STATUS_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error, including framework and unexpected ones, a JSON error body."""
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(BodyTooLarge)
+    async def on_body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, "body_too_large", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"location": [str(part) for part in error["loc"]], "message": error["msg"]}
+            for error in exc.errors()
+        ]
+        first = details[0] if details else {"location": [], "message": "invalid"}
+        message = f"invalid request: {'.'.join(first['location'])}: {first['message']}"
+        return error_response(422, "invalid_request", message, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error(
+            "unexpected error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc
+        )
+        return error_response(500, "internal_error", "unexpected gateway error; see its log")

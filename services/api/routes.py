@@ -1,0 +1,317 @@
+"""Routes under /v1: agent lifecycle, logs and the HTTP passthrough; all need an API key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+import nats.errors
+from fastapi import APIRouter, Depends, Query, Request
+from nats.aio.client import Client as NatsClient
+from starlette.responses import Response
+
+from libs.common import bus, logs
+from libs.common.audit import AuditPublisher
+from libs.common.errors import BusError, BusTimeout, RemoteError
+from libs.common.messages import (
+    FINAL_STATES,
+    SUBJECT_START,
+    AgentRecord,
+    AgentRecordReply,
+    AgentState,
+    AgentStateChanged,
+    AuditOutcome,
+    LogsReply,
+    LogsRequest,
+    StartAgentReply,
+    StartAgentRequest,
+    StopAgentRequest,
+    StopReason,
+    host_subject,
+    new_agent_id,
+    state_subject,
+    utc_now,
+)
+from libs.common.store import AgentStore
+from services.api.auth import KeyRing, has_query_key, presented_key
+from services.api.errors import UNAUTHORIZED_MESSAGE, ApiError
+from services.api.passthrough import Forwarder
+from services.api.schemas import AgentList, AgentLogs, AgentView, CreateAgentRequest
+from services.api.settings import ApiSettings
+
+logger = logging.getLogger(__name__)
+
+_AGENT_ID = re.compile(r"^ag-[0-9a-f]{32}$")
+# A stop may wait for a start in progress (10 s) and then for the container to stop.
+STOP_REPLY_EXTRA_SECONDS = 30.0
+PASSTHROUGH_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@dataclass
+class Services:
+    """Connections and helpers shared by every request."""
+
+    settings: ApiSettings
+    keyring: KeyRing
+    store: AgentStore
+    nats: NatsClient
+    audit: AuditPublisher
+    forwarder: Forwarder
+
+
+def services_of(request: Request) -> Services:
+    """Return the shared services of the running app."""
+    services: Services = request.app.state.services
+    return services
+
+
+async def require_api_key(request: Request) -> str:
+    """Return the id of the caller's API key, or raise ApiError 401.
+
+    Missing, malformed and wrong keys get the same answer, so a caller learns nothing about
+    which keys exist. A key in the query string is rejected with its own message.
+    """
+    services = services_of(request)
+    client = request.client.host if request.client else "unknown"
+    if has_query_key(list(request.query_params.keys())):
+        services.audit.emit(
+            "auth.rejected",
+            outcome=AuditOutcome.DENIED,
+            actor=client,
+            reason_code="api_key_in_query",
+            details={"path": request.url.path},
+        )
+        raise ApiError(
+            401,
+            "api_key_in_query",
+            "API keys in the URL are rejected because URLs get logged; send the key in the "
+            "X-API-Key header or as Authorization: Bearer",
+        )
+    key = presented_key(request.headers)
+    key_id = services.keyring.identify(key) if key else None
+    if key_id is None:
+        services.audit.emit(
+            "auth.failed",
+            outcome=AuditOutcome.DENIED,
+            actor=client,
+            reason_code="missing_key" if key is None else "invalid_key",
+            details={"path": request.url.path},
+        )
+        logger.warning("authentication failed from %s", client, extra={logs.CLIENT: client})
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+    return key_id
+
+
+KeyId = Annotated[str, Depends(require_api_key)]
+ServicesDep = Annotated[Services, Depends(services_of)]
+router = APIRouter(prefix="/v1", tags=["agents"])
+
+
+async def _record_or_404(services: Services, agent_id: str) -> AgentRecord:
+    record = await services.store.get(agent_id) if _AGENT_ID.match(agent_id) else None
+    if record is None:
+        raise ApiError(404, "agent_not_found", f"no agent with id {agent_id!r}")
+    return record
+
+
+@router.post("/agents", status_code=202, response_model=AgentView)
+async def create_agent(
+    body: CreateAgentRequest,
+    key_id: KeyId,
+    services: ServicesDep,
+    wait: Annotated[
+        bool, Query(description="Answer only once the agent is ready or failed.")
+    ] = False,
+) -> AgentView:
+    """Start an agent; it is `requested` at once and `ready` once it answers HTTP."""
+    settings = services.settings
+    if body.image_url.startswith("http://") and not settings.allow_http_image_urls:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "image_url must use https://; http:// is accepted only in the development profile",
+        )
+    lifetime = body.lifetime_seconds or settings.max_container_lifetime
+    if lifetime > settings.max_container_lifetime:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"lifetime_seconds {lifetime} is over the maximum of {settings.max_container_lifetime}",
+        )
+    correlation_id = str(logs.current_correlation_id())
+    record = AgentRecord(
+        agent_id=new_agent_id(),
+        state=AgentState.REQUESTED,
+        image_url=body.image_url,
+        image_digest=body.image_digest,
+        lifetime_seconds=lifetime,
+        correlation_id=correlation_id,
+        created_at=utc_now(),
+    )
+    await services.store.create(record)
+    services.audit.emit(
+        "agent.requested",
+        outcome=AuditOutcome.SUCCESS,
+        actor=key_id,
+        agent_id=record.agent_id,
+        details={
+            "image_url": record.image_url,
+            "image_digest": record.image_digest,
+            "lifetime_seconds": lifetime,
+            "env_names": sorted(body.env),
+        },
+    )
+    subscription = await services.nats.subscribe(state_subject(record.agent_id)) if wait else None
+    try:
+        await _send_start(services, record, body)
+        if subscription is not None:
+            await _wait_until_settled(services, record.agent_id, subscription)
+    finally:
+        if subscription is not None:
+            await subscription.unsubscribe()
+    return AgentView.of(await _record_or_404(services, record.agent_id))
+
+
+async def _send_start(services: Services, record: AgentRecord, body: CreateAgentRequest) -> None:
+    request = StartAgentRequest(
+        correlation_id=record.correlation_id,
+        agent_id=record.agent_id,
+        image_url=record.image_url,
+        image_digest=record.image_digest,
+        lifetime_seconds=record.lifetime_seconds,
+        env=body.env,
+    )
+    try:
+        await bus.request(
+            services.nats,
+            SUBJECT_START,
+            request,
+            StartAgentReply,
+            timeout=services.settings.nats_timeout,
+        )
+    except (BusTimeout, RemoteError, BusError) as exc:
+        logger.error(
+            "start of %s not accepted: %s",
+            record.agent_id,
+            exc,
+            extra={logs.AGENT_ID: record.agent_id},
+        )
+        current = await services.store.get(record.agent_id)
+        if current is not None and current.state == AgentState.REQUESTED:
+            current.state = AgentState.FAILED
+            current.failure_reason = "supervisor_unavailable"
+            current.failure_message = str(exc)
+            current.stop_reason = StopReason.FAILED
+            current.stopped_at = utc_now()
+            await services.store.put(current)
+        raise ApiError(
+            503,
+            "supervisor_unavailable",
+            f"no supervisor accepted agent {record.agent_id}; try again later",
+        ) from exc
+
+
+async def _wait_until_settled(services: Services, agent_id: str, subscription: object) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + services.settings.start_wait_timeout
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            message = await subscription.next_msg(timeout=min(1.0, remaining))  # type: ignore[attr-defined]
+            state = bus.decode(message.data, AgentStateChanged).record.state
+        except (nats.errors.TimeoutError, BusError):
+            # State notices are not durable; Redis is the source of truth.
+            record = await services.store.get(agent_id)
+            state = record.state if record else AgentState.FAILED
+        if state == AgentState.READY or state in FINAL_STATES:
+            return
+
+
+@router.get("/agents", response_model=AgentList)
+async def list_agents(_: KeyId, services: ServicesDep) -> AgentList:
+    """List agents, newest first."""
+    records = await services.store.list_recent(limit=services.settings.max_listed_agents)
+    return AgentList(agents=[AgentView.of(record) for record in records])
+
+
+@router.get("/agents/{agent_id}", response_model=AgentView)
+async def get_agent(agent_id: str, _: KeyId, services: ServicesDep) -> AgentView:
+    """Return one agent, including why it stopped or failed."""
+    return AgentView.of(await _record_or_404(services, agent_id))
+
+
+@router.delete("/agents/{agent_id}", response_model=AgentView)
+async def delete_agent(agent_id: str, key_id: KeyId, services: ServicesDep) -> AgentView:
+    """Stop an agent and remove its container; its record stays readable."""
+    record = await _record_or_404(services, agent_id)
+    if record.state in FINAL_STATES:
+        return AgentView.of(record)
+    services.audit.emit(
+        "agent.stop_requested", outcome=AuditOutcome.SUCCESS, actor=key_id, agent_id=agent_id
+    )
+    if record.host_id is None:
+        raise ApiError(409, "agent_not_started", f"agent {agent_id} has not been accepted yet")
+    try:
+        reply = await bus.request(
+            services.nats,
+            host_subject(record.host_id, "stop"),
+            StopAgentRequest(correlation_id=str(logs.current_correlation_id()), agent_id=agent_id),
+            AgentRecordReply,
+            timeout=services.settings.nats_timeout + STOP_REPLY_EXTRA_SECONDS,
+        )
+    except BusError as exc:
+        raise ApiError(
+            503, "supervisor_unavailable", f"supervisor {record.host_id} did not stop {agent_id}"
+        ) from exc
+    return AgentView.of(reply.record)
+
+
+@router.get("/agents/{agent_id}/logs", response_model=AgentLogs)
+async def agent_logs(
+    agent_id: str,
+    _: KeyId,
+    services: ServicesDep,
+    tail: Annotated[int, Query(gt=0, le=10_000, description="Number of lines.")] = 100,
+) -> AgentLogs:
+    """Return the last lines of an agent's output, sanitised."""
+    record = await _record_or_404(services, agent_id)
+    if record.host_id is None:
+        return AgentLogs(agent_id=agent_id, lines=[])
+    try:
+        reply = await bus.request(
+            services.nats,
+            host_subject(record.host_id, "logs"),
+            LogsRequest(
+                correlation_id=str(logs.current_correlation_id()), agent_id=agent_id, tail=tail
+            ),
+            LogsReply,
+            timeout=services.settings.nats_timeout,
+        )
+    except BusError as exc:
+        raise ApiError(
+            503, "supervisor_unavailable", f"supervisor {record.host_id} did not send logs"
+        ) from exc
+    return AgentLogs(agent_id=agent_id, lines=reply.lines)
+
+
+@router.api_route(
+    "/agents/{agent_id}/http/{path:path}",
+    methods=PASSTHROUGH_METHODS,
+    response_class=Response,
+    responses={200: {"description": "The agent's response, streamed as it sent it."}},
+)
+async def passthrough(
+    agent_id: str, path: str, request: Request, _: KeyId, services: ServicesDep
+) -> Response:
+    """Forward the request to the agent's port 80 and stream its response back."""
+    record = await _record_or_404(services, agent_id)
+    if record.state != AgentState.READY:
+        raise ApiError(
+            409, "agent_not_ready", f"agent {agent_id} is {record.state.value}, not ready"
+        )
+    prefix = f"/v1/agents/{agent_id}/http".encode()
+    raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    forwarded = raw_path[len(prefix) :] if raw_path.startswith(prefix) else path.encode()
+    return await services.forwarder.forward(request, record, forwarded)

@@ -1,0 +1,110 @@
+"""The hardened container definition every agent runs in.
+
+Kept apart from the Docker calls so that every option is visible in one place and unit tests
+can check the whole lockdown without a daemon. What each option defends against:
+
+- user 65534:65534, `cap_drop=ALL`, `no-new-privileges`: no root, no capabilities, and no way
+  back to either through setuid binaries in the image.
+- read-only root and a size-limited `/tmp` tmpfs (`nosuid,nodev,noexec`, mode 1777 so the
+  unprivileged user can write): the only writable storage is memory-backed and bounded.
+- seccomp profile passed explicitly: a daemon configured without one still confines agents.
+- memory (swap included), CPU, pids and open-file limits; `oom_score_adj` makes the host's
+  OOM killer pick an agent before a service.
+- port 80 published only on the bind address, on an ephemeral port.
+- no mounts, no privileged mode, private IPC and cgroup namespaces, log rotation by Docker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from docker.types import LogConfig, Ulimit
+
+from services.supervisor.settings import SupervisorSettings
+
+AGENT_USER = "65534:65534"
+AGENT_PORT = "80/tcp"
+
+LABEL_MANAGED = "io.agent-runner.managed"
+LABEL_AGENT_ID = "io.agent-runner.agent-id"
+LABEL_HOST_ID = "io.agent-runner.host-id"
+LABEL_IMAGE_DIGEST = "io.agent-runner.image-digest"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentContainer:
+    """What varies between agents; everything else comes from settings."""
+
+    agent_id: str
+    host_id: str
+    image_id: str
+    image_digest: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def container_name(agent_id: str) -> str:
+    """Return the Docker container name of an agent."""
+    return f"agent-runner-{agent_id}"
+
+
+def tmpfs_options(settings: SupervisorSettings) -> str:
+    """Return the mount options of the agent's writable /tmp."""
+    return f"rw,nosuid,nodev,noexec,size={int(settings.container_disk_limit)},mode=1777"
+
+
+def create_arguments(
+    agent: AgentContainer, *, settings: SupervisorSettings, seccomp_profile: str
+) -> dict[str, Any]:
+    """Return keyword arguments for `docker.client.containers.create` for this agent."""
+    memory = int(settings.container_memory_limit)
+    return {
+        "image": agent.image_id,
+        "name": container_name(agent.agent_id),
+        "hostname": "agent",
+        "user": AGENT_USER,
+        "environment": dict(agent.env),
+        "labels": {
+            LABEL_MANAGED: "true",
+            LABEL_AGENT_ID: agent.agent_id,
+            LABEL_HOST_ID: agent.host_id,
+            LABEL_IMAGE_DIGEST: agent.image_digest,
+        },
+        "detach": True,
+        "read_only": True,
+        "privileged": False,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true", f"seccomp={seccomp_profile}"],
+        "tmpfs": {"/tmp": tmpfs_options(settings)},  # noqa: S108 - the agent's own tmpfs
+        "mounts": [],
+        "volumes": {},
+        "mem_limit": memory,
+        "memswap_limit": memory,
+        "mem_swappiness": 0,
+        "oom_score_adj": 500,
+        "nano_cpus": int(settings.container_cpu_limit * 1_000_000_000),
+        "pids_limit": settings.container_pids_limit,
+        "ulimits": [
+            Ulimit(
+                name="nofile",
+                soft=settings.container_nofile_limit,
+                hard=settings.container_nofile_limit,
+            )
+        ],
+        # The agent's unprivileged user must bind port 80 without CAP_NET_BIND_SERVICE; this
+        # sysctl is per network namespace and changes nothing on the host.
+        "sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"},
+        "ports": {AGENT_PORT: (str(settings.bind_address), None)},
+        "network": settings.sandbox_network,
+        # Docker's tini as PID 1 forwards SIGTERM and reaps zombies, which an agent's own
+        # PID 1 may not do.
+        "init": True,
+        "ipc_mode": "private",
+        "cgroupns": "private",
+        "runtime": settings.runtime,
+        "restart_policy": {"Name": "no"},
+        "log_config": LogConfig(
+            type=LogConfig.types.JSON,
+            config={"max-size": str(int(settings.container_log_max_size)), "max-file": "2"},
+        ),
+    }

@@ -1,0 +1,146 @@
+"""From image URL and digest to a loaded, verified Docker image ID.
+
+Order of steps, each failing closed: cache lookup, streaming download with digest check,
+tarball structure checks, image configuration checks, retag check, `docker load`, and a check
+that the loaded image ID equals the config digest named by the manifest. Verified tarballs are
+kept in a content-addressed folder (`<cache_dir>/sha256/<hex>.tar`), so a second start of the
+same digest skips the download; a tarball enters the cache only after every check passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from libs.common import logs
+from services.supervisor.docker_adapter import DockerAdapter
+from services.supervisor.download import DownloadLimits, download_image
+from services.supervisor.errors import FailureReason, ImageRejected
+from services.supervisor.image_config import check_image_config
+from services.supervisor.tarball import TarballLimits, inspect_image_tarball
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedImage:
+    """A verified image ready to run, and where it came from."""
+
+    image_id: str
+    digest: str
+    downloaded: bool
+    loaded: bool
+
+
+class ImageStore:
+    """Download, verify, cache and load agent images."""
+
+    def __init__(
+        self,
+        docker: DockerAdapter,
+        *,
+        cache_dir: Path,
+        download_limits: DownloadLimits,
+        tarball_limits: TarballLimits,
+    ) -> None:
+        self._docker = docker
+        self._cache_dir = cache_dir
+        self._download_limits = download_limits
+        self._tarball_limits = tarball_limits
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        for folder in (self._blob_dir, self._partial_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
+    @property
+    def _blob_dir(self) -> Path:
+        return self._cache_dir / "sha256"
+
+    @property
+    def _partial_dir(self) -> Path:
+        return self._cache_dir / "partial"
+
+    def cached_tarball(self, digest: str) -> Path:
+        """Return where the verified tarball of `digest` is or would be kept."""
+        return self._blob_dir / f"{digest.removeprefix('sha256:')}.tar"
+
+    def remove_partial_downloads(self) -> int:
+        """Delete leftovers of downloads interrupted by a crash; return how many."""
+        removed = 0
+        for leftover in self._partial_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def resolve(self, url: str, digest: str, *, known_image_id: str | None) -> ResolvedImage:
+        """Return a loaded image for `digest`, downloading and checking it when needed.
+
+        `known_image_id` is the ID recorded for this digest by an earlier start, if any.
+        Raises ImageRejected or AgentStartError with a fixed reason; nothing that failed a
+        check is loaded or cached.
+        """
+        with self._lock_for(digest):
+            if known_image_id and self._docker.image_exists(known_image_id):
+                logger.info(
+                    "image %s already loaded as %s",
+                    digest,
+                    known_image_id,
+                    extra={logs.IMAGE_DIGEST: digest, logs.IMAGE_ID: known_image_id},
+                )
+                return ResolvedImage(
+                    image_id=known_image_id, digest=digest, downloaded=False, loaded=False
+                )
+            cached = self.cached_tarball(digest)
+            if cached.exists():
+                logger.info(
+                    "using cached tarball for %s", digest, extra={logs.IMAGE_DIGEST: digest}
+                )
+                image_id = self._verify_and_load(cached, digest)
+                return ResolvedImage(
+                    image_id=image_id, digest=digest, downloaded=False, loaded=True
+                )
+            partial = download_image(
+                url, digest=digest, directory=self._partial_dir, limits=self._download_limits
+            )
+            try:
+                image_id = self._verify_and_load(partial, digest)
+                os.replace(partial, cached)
+            finally:
+                partial.unlink(missing_ok=True)
+            return ResolvedImage(image_id=image_id, digest=digest, downloaded=True, loaded=True)
+
+    def _verify_and_load(self, tarball_path: Path, digest: str) -> str:
+        tarball = inspect_image_tarball(tarball_path, limits=self._tarball_limits)
+        check_image_config(tarball.config)
+        for tag in tarball.repo_tags:
+            owner = self._docker.tag_owner(tag)
+            if owner is not None and owner != tarball.config_digest:
+                raise ImageRejected(
+                    FailureReason.RETAG_EXISTING_IMAGE,
+                    f"tarball tag {tag!r} already names image {owner}; loading it would move "
+                    "the tag. Save the image without tags (docker save <image ID>)",
+                )
+        if self._docker.image_exists(tarball.config_digest):
+            return tarball.config_digest
+        loaded = self._docker.load_image(tarball_path)
+        if tarball.config_digest not in loaded:
+            raise ImageRejected(
+                FailureReason.IMAGE_ID_MISMATCH,
+                f"docker load reported {loaded}, expected {tarball.config_digest} from the "
+                "manifest",
+            )
+        logger.info(
+            "loaded image %s from %s",
+            tarball.config_digest,
+            digest,
+            extra={logs.IMAGE_DIGEST: digest, logs.IMAGE_ID: tarball.config_digest},
+        )
+        return tarball.config_digest
+
+    def _lock_for(self, digest: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(digest, threading.Lock())

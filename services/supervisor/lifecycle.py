@@ -1,0 +1,389 @@
+"""Agent lifecycle on one host: start, readiness, stop, lifetime and exit handling.
+
+The supervisor is the only writer of an agent's record once it has accepted the start. Every
+state change is written to Redis, published on `agents.v1.state.<agent>` and audited. A
+start runs as a background task; a stop request during a start is honoured at the next step,
+so a container is never created for an agent that was already stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import httpx
+from nats.aio.client import Client as NatsClient
+from pydantic import TypeAdapter
+
+from libs.common import bus, logs
+from libs.common.audit import AuditPublisher
+from libs.common.messages import (
+    FINAL_STATES,
+    AgentRecord,
+    AgentState,
+    AgentStateChanged,
+    LogLine,
+    LogStream,
+    StartAgentRequest,
+    StopReason,
+    state_subject,
+    utc_now,
+)
+from libs.common.messages import AuditOutcome as Outcome
+from libs.common.sanitize import sanitize_line
+from libs.common.store import AgentStore
+from services.supervisor.container_spec import AgentContainer, create_arguments
+from services.supervisor.docker_adapter import DockerAdapter
+from services.supervisor.errors import (
+    AgentStartError,
+    DockerUnavailable,
+    FailureReason,
+    ImageRejected,
+)
+from services.supervisor.images import ImageStore
+from services.supervisor.settings import SupervisorSettings
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "supervisor"
+FINAL_LOG_LINES = 1000
+READY_PROBE_TIMEOUT = 1.0
+_log_lines = TypeAdapter(list[LogLine])
+
+
+class StopRequested(Exception):
+    """Raised inside a start task when a stop request arrived for its agent."""
+
+
+class AgentManager:
+    """Start, watch and stop the agents of this host."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        *,
+        docker: DockerAdapter,
+        images: ImageStore,
+        store: AgentStore,
+        audit: AuditPublisher,
+        nats: NatsClient,
+        seccomp_profile: str,
+    ) -> None:
+        self.settings = settings
+        self.docker = docker
+        self.images = images
+        self.store = store
+        self.audit = audit
+        self.nats = nats
+        self._seccomp_profile = seccomp_profile
+        self._starts: dict[str, asyncio.Task[None]] = {}
+        self._stop_requested: set[str] = set()
+        self._start_slots = asyncio.Semaphore(settings.max_concurrent_starts)
+        self._agent_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def host_id(self) -> str:
+        """This supervisor's host id."""
+        return self.settings.host_id
+
+    def starting(self, agent_id: str) -> bool:
+        """Return whether a start task of `agent_id` is still running."""
+        task = self._starts.get(agent_id)
+        return task is not None and not task.done()
+
+    async def save(self, record: AgentRecord) -> None:
+        """Write `record` to Redis and announce the new state."""
+        await self.store.put(record)
+        message = AgentStateChanged(correlation_id=record.correlation_id, record=record)
+        try:
+            await self.nats.publish(state_subject(record.agent_id), bus.encode(message))
+        except Exception as exc:  # the state is in Redis; a lost notice only delays pollers
+            logger.warning("cannot publish state of %s: %s", record.agent_id, exc)
+
+    async def accept_start(self, request: StartAgentRequest) -> AgentRecord:
+        """Take ownership of a requested agent and begin its start in the background.
+
+        Raises AgentStartError when the agent is unknown, not in the requested state, or this
+        host is full.
+        """
+        record = await self.store.get(request.agent_id)
+        if record is None or record.state != AgentState.REQUESTED:
+            state = None if record is None else record.state.value
+            raise AgentStartError(
+                FailureReason.INTERNAL_ERROR,
+                f"agent {request.agent_id} is in state {state!r}, expected 'requested'",
+            )
+        active = len(await self.store.active_on_host(self.host_id))
+        if active >= self.settings.max_agents:
+            await self.fail(
+                record,
+                FailureReason.CAPACITY_EXHAUSTED,
+                f"host {self.host_id} already runs {active} agents (--max-agents)",
+            )
+            return record
+        record.host_id = self.host_id
+        record.lifetime_seconds = min(record.lifetime_seconds, self.settings.max_container_lifetime)
+        record.state = AgentState.PULLING
+        await self.save(record)
+        task = asyncio.create_task(self._start(record, request), name=f"start-{record.agent_id}")
+        self._starts[record.agent_id] = task
+        task.add_done_callback(lambda _: self._starts.pop(record.agent_id, None))
+        return record
+
+    async def _start(self, record: AgentRecord, request: StartAgentRequest) -> None:
+        with logs.correlation_scope(record.correlation_id):
+            async with self._start_slots:
+                try:
+                    await self._run_start(record, request)
+                except StopRequested:
+                    await self.finish(record, StopReason.REQUESTED, exit_code=None)
+                except ImageRejected as exc:
+                    self._audit_image_rejected(record, exc)
+                    await self.fail(record, exc.reason, exc.message)
+                except AgentStartError as exc:
+                    await self.fail(record, exc.reason, exc.message)
+                except DockerUnavailable as exc:
+                    await self.fail(record, FailureReason.INTERNAL_ERROR, str(exc))
+                except Exception as exc:
+                    logger.exception("start of %s failed unexpectedly", record.agent_id)
+                    await self.fail(record, FailureReason.INTERNAL_ERROR, f"{exc!r}")
+                finally:
+                    self._stop_requested.discard(record.agent_id)
+
+    async def _run_start(self, record: AgentRecord, request: StartAgentRequest) -> None:
+        known = await self.store.image_id_for(record.image_digest)
+        resolved = await asyncio.to_thread(
+            self.images.resolve, record.image_url, record.image_digest, known_image_id=known
+        )
+        await self.store.remember_image_id(record.image_digest, resolved.image_id)
+        record.image_id = resolved.image_id
+        self.audit.emit(
+            "image.verified",
+            outcome=Outcome.SUCCESS,
+            actor=ACTOR,
+            agent_id=record.agent_id,
+            details={
+                "image_digest": record.image_digest,
+                "image_id": resolved.image_id,
+                "downloaded": resolved.downloaded,
+                "loaded": resolved.loaded,
+            },
+        )
+        self._check_stop(record)
+
+        record.state = AgentState.STARTING
+        await self.save(record)
+        agent = AgentContainer(
+            agent_id=record.agent_id,
+            host_id=self.host_id,
+            image_id=resolved.image_id,
+            image_digest=record.image_digest,
+            env=dict(request.env),
+        )
+        arguments = create_arguments(
+            agent, settings=self.settings, seccomp_profile=self._seccomp_profile
+        )
+        record.container_id = await asyncio.to_thread(self.docker.create_and_start, arguments)
+        record.host_address, record.host_port = await asyncio.to_thread(
+            self.docker.published_port, record.container_id
+        )
+        record.started_at = utc_now()
+        record.expires_at = record.started_at + timedelta(seconds=record.lifetime_seconds)
+        await self.save(record)
+        for event in ("agent.created", "agent.started"):
+            self.audit.emit(
+                event,
+                outcome=Outcome.SUCCESS,
+                actor=ACTOR,
+                agent_id=record.agent_id,
+                details={"container_id": record.container_id, "image_id": record.image_id},
+            )
+
+        await self._wait_ready(record)
+        record.state = AgentState.READY
+        record.ready_at = utc_now()
+        await self.save(record)
+        self.audit.emit(
+            "agent.ready",
+            outcome=Outcome.SUCCESS,
+            actor=ACTOR,
+            agent_id=record.agent_id,
+            details={"host_port": record.host_port, "expires_at": record.expires_at.isoformat()},
+        )
+        logger.info(
+            "agent %s ready on %s:%s",
+            record.agent_id,
+            record.host_address,
+            record.host_port,
+            extra={logs.AGENT_ID: record.agent_id, logs.CONTAINER_ID: record.container_id},
+        )
+
+    async def _wait_ready(self, record: AgentRecord) -> None:
+        assert record.container_id is not None
+        url = f"http://{record.host_address}:{record.host_port}/"
+        deadline = asyncio.get_running_loop().time() + self.settings.agent_start_timeout
+        delay = 0.02
+        async with httpx.AsyncClient(timeout=READY_PROBE_TIMEOUT, trust_env=False) as client:
+            while True:
+                self._check_stop(record)
+                status = await asyncio.to_thread(self.docker.status, record.container_id)
+                if status is None or not status.running:
+                    code = None if status is None else status.exit_code
+                    raise AgentStartError(
+                        FailureReason.EXITED_BEFORE_READY,
+                        f"container exited with code {code} before answering HTTP on port 80",
+                    )
+                try:
+                    await client.get(url)
+                    return
+                except httpx.HTTPError:
+                    pass  # not listening yet; any HTTP answer at all counts as ready
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise AgentStartError(
+                        FailureReason.READY_TIMEOUT,
+                        f"agent did not answer HTTP on port 80 within "
+                        f"{self.settings.agent_start_timeout:g} s (--agent-start-timeout)",
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+
+    def _check_stop(self, record: AgentRecord) -> None:
+        if record.agent_id in self._stop_requested:
+            raise StopRequested(record.agent_id)
+
+    async def stop(self, agent_id: str, *, wait: float = 10.0) -> AgentRecord | None:
+        """Stop an agent on request and return its record, or None when it is unknown.
+
+        A start in progress is asked to stop and given `wait` seconds to do so; if it is still
+        busy (a long download, say), the record is returned in state 'stopping' and the start
+        task finishes the stop itself.
+        """
+        task = self._starts.get(agent_id)
+        if task is not None and not task.done():
+            self._stop_requested.add(agent_id)
+            await asyncio.wait([task], timeout=wait)
+        async with self._lock(agent_id):
+            record = await self.store.get(agent_id)
+            if record is None or record.state in FINAL_STATES:
+                return record
+            if self.starting(agent_id):
+                record.state = AgentState.STOPPING
+                await self.save(record)
+                return record
+            return await self.terminate(record, StopReason.REQUESTED)
+
+    async def expire_or_collect(self, record: AgentRecord, *, running: bool) -> None:
+        """Stop a ready agent whose lifetime ended, or record the exit of one that ended."""
+        async with self._lock(record.agent_id):
+            current = await self.store.get(record.agent_id)
+            if current is None or current.state != AgentState.READY:
+                return
+            if not running:
+                await self.terminate(current, StopReason.EXITED)
+            elif current.expires_at is not None and utc_now() >= current.expires_at:
+                await self.terminate(current, StopReason.LIFETIME_EXCEEDED)
+
+    async def terminate(self, record: AgentRecord, reason: StopReason) -> AgentRecord:
+        record.state = AgentState.STOPPING
+        await self.save(record)
+        exit_code = None
+        if record.container_id:
+            status = await asyncio.to_thread(
+                self.docker.stop, record.container_id, grace=self.settings.agent_stop_grace
+            )
+            exit_code = None if status is None else status.exit_code
+        return await self.finish(record, reason, exit_code=exit_code)
+
+    async def finish(
+        self, record: AgentRecord, reason: StopReason, *, exit_code: int | None
+    ) -> AgentRecord:
+        await self._keep_logs_and_remove(record)
+        record.state = AgentState.STOPPED
+        record.stop_reason = reason
+        record.exit_code = exit_code
+        record.killed_for_time = reason == StopReason.LIFETIME_EXCEEDED
+        record.stopped_at = utc_now()
+        await self.save(record)
+        event = "agent.killed" if record.killed_for_time else "agent.stopped"
+        self.audit.emit(
+            event,
+            outcome=Outcome.SUCCESS,
+            actor=ACTOR,
+            agent_id=record.agent_id,
+            reason_code=reason.value,
+            details={"exit_code": exit_code, "container_id": record.container_id},
+        )
+        logger.info(
+            "agent %s stopped (%s, exit code %s)",
+            record.agent_id,
+            reason.value,
+            exit_code,
+            extra={logs.AGENT_ID: record.agent_id, logs.REASON: reason.value},
+        )
+        return record
+
+    async def fail(self, record: AgentRecord, reason: FailureReason, message: str) -> None:
+        await self._keep_logs_and_remove(record)
+        record.state = AgentState.FAILED
+        record.failure_reason = reason.value
+        record.failure_message = message
+        record.stop_reason = StopReason.FAILED
+        record.stopped_at = utc_now()
+        await self.save(record)
+        self.audit.emit(
+            "agent.failed",
+            outcome=Outcome.FAILURE,
+            actor=ACTOR,
+            agent_id=record.agent_id,
+            reason_code=reason.value,
+            details={"message": message, "container_id": record.container_id},
+        )
+        logger.warning(
+            "agent %s failed: %s: %s",
+            record.agent_id,
+            reason.value,
+            message,
+            extra={logs.AGENT_ID: record.agent_id, logs.REASON: reason.value},
+        )
+
+    async def _keep_logs_and_remove(self, record: AgentRecord) -> None:
+        if not record.container_id:
+            return
+        try:
+            lines = await self.read_container_logs(record.container_id, tail=FINAL_LOG_LINES)
+            await self.store.save_final_logs(record.agent_id, _log_lines.dump_json(lines).decode())
+        except DockerUnavailable as exc:
+            logger.warning("cannot keep logs of %s: %s", record.agent_id, exc)
+        await asyncio.to_thread(self.docker.remove, record.container_id)
+
+    async def read_container_logs(self, container_id: str, *, tail: int) -> list[LogLine]:
+        """Return the last `tail` sanitised lines of a container's output."""
+        raw_lines = await asyncio.to_thread(self.docker.logs, container_id, tail=tail)
+        lines = []
+        for raw in raw_lines:
+            text, truncated = sanitize_line(raw.data, max_length=self.settings.log_max_line_length)
+            lines.append(
+                LogLine(stream=LogStream(raw.stream), time=raw.time, text=text, truncated=truncated)
+            )
+        return lines
+
+    async def logs(self, record: AgentRecord, *, tail: int) -> list[LogLine]:
+        """Return an agent's output: live from Docker, or as kept when it stopped."""
+        if record.container_id and record.state not in FINAL_STATES:
+            return await self.read_container_logs(record.container_id, tail=tail)
+        kept = await self.store.final_logs(record.agent_id)
+        return [] if kept is None else _log_lines.validate_json(kept)[-tail:]
+
+    def _audit_image_rejected(self, record: AgentRecord, exc: ImageRejected) -> None:
+        self.audit.emit(
+            "image.rejected",
+            outcome=Outcome.DENIED,
+            actor=ACTOR,
+            agent_id=record.agent_id,
+            reason_code=exc.reason.value,
+            details={"image_digest": record.image_digest, "message": exc.message},
+        )
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._agent_locks.setdefault(agent_id, asyncio.Lock())

@@ -1,0 +1,266 @@
+"""Supervisor entry point: checks, reconciliation, then the NATS request handlers.
+
+Pipeline at startup: settings, logging, seccomp profile, Docker and the sandbox network,
+NATS and the audit stream, Redis, reconciliation of this host's containers, then the start
+handler (queue group, so any of several supervisors may take a start) and this host's stop
+and logs handlers. On SIGTERM it stops taking requests and leaves running agents alone; the
+next start adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from pydantic import BaseModel
+
+from libs.common import bus, logs
+from libs.common.audit import AuditPublisher
+from libs.common.errors import BusError, CommonError, ConfigurationError, StoreError
+from libs.common.messages import (
+    START_QUEUE_GROUP,
+    SUBJECT_START,
+    AgentRecordReply,
+    AuditOutcome,
+    ErrorReply,
+    LogsReply,
+    LogsRequest,
+    StartAgentReply,
+    StartAgentRequest,
+    StopAgentRequest,
+    host_subject,
+)
+from libs.common.settings import load_settings
+from libs.common.store import AgentStore, connect_redis
+from services.supervisor.docker_adapter import DockerAdapter
+from services.supervisor.download import DownloadLimits
+from services.supervisor.errors import AgentStartError, SupervisorError
+from services.supervisor.images import ImageStore
+from services.supervisor.lifecycle import AgentManager
+from services.supervisor.settings import SupervisorSettings
+from services.supervisor.tarball import TarballLimits
+from services.supervisor.watch import reconcile, watch_agents
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "supervisor"
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ALLOWED_SECCOMP_DEFAULTS = {
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_TRAP",
+}
+
+
+def load_seccomp_profile(path: Path) -> str:
+    """Read and check a seccomp profile; return it as compact JSON for Docker.
+
+    Raises ConfigurationError when the file is missing, not JSON, or allows every syscall by
+    default, because agents must never run without a syscall filter.
+    """
+    try:
+        profile = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read --seccomp-profile {str(path)!r}: {exc.strerror}; run scripts/deps.sh "
+            "to install Docker's default profile there, or point the option at a profile"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigurationError(f"--seccomp-profile {str(path)!r} is not JSON: {exc}") from exc
+    default_action = profile.get("defaultAction") if isinstance(profile, dict) else None
+    if default_action not in _ALLOWED_SECCOMP_DEFAULTS or not profile.get("syscalls"):
+        raise ConfigurationError(
+            f"--seccomp-profile {str(path)!r} has defaultAction {default_action!r}; expected a "
+            "profile that denies unlisted syscalls (SCMP_ACT_ERRNO or a kill action)"
+        )
+    return json.dumps(profile, separators=(",", ":"))
+
+
+Handler = Callable[[Msg], Awaitable[BaseModel]]
+
+
+_running: set[asyncio.Task[None]] = set()
+
+
+def _serve(handler: Handler) -> Callable[[Msg], Awaitable[None]]:
+    """Wrap a request handler: correlation id in logs, and an ErrorReply for every failure.
+
+    nats-py runs one subscription's callbacks one after another, so each request gets its own
+    task; otherwise a slow stop would hold up every other stop.
+    """
+
+    async def callback(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        _running.add(task)
+        task.add_done_callback(_running.discard)
+
+    async def handle(msg: Msg) -> None:
+        correlation_id = "unknown"
+        with contextlib.suppress(ValueError, AttributeError):
+            candidate = str(json.loads(msg.data).get("correlation_id"))
+            if _CORRELATION_ID.fullmatch(candidate):
+                correlation_id = candidate
+        with logs.correlation_scope(correlation_id):
+            try:
+                reply = await handler(msg)
+            except BusError as exc:
+                reply = _error(correlation_id, "invalid_request", str(exc))
+            except AgentStartError as exc:
+                reply = _error(correlation_id, exc.reason.value, exc.message)
+            except (SupervisorError, StoreError) as exc:
+                logger.error("request on %s failed: %s", msg.subject, exc)
+                reply = _error(correlation_id, "unavailable", str(exc))
+            except Exception:
+                logger.exception("request on %s failed unexpectedly", msg.subject)
+                reply = _error(correlation_id, "internal_error", "unexpected supervisor error")
+            await bus.respond(msg, reply)
+
+    return callback
+
+
+def _error(correlation_id: str, code: str, message: str) -> ErrorReply:
+    return ErrorReply(correlation_id=correlation_id, code=code, message=message)
+
+
+class Handlers:
+    """NATS request handlers of one supervisor."""
+
+    def __init__(self, manager: AgentManager) -> None:
+        self.manager = manager
+
+    async def start(self, msg: Msg) -> BaseModel:
+        request = bus.decode(msg.data, StartAgentRequest, subject=msg.subject)
+        record = await self.manager.accept_start(request)
+        return StartAgentReply(
+            correlation_id=request.correlation_id,
+            agent_id=record.agent_id,
+            host_id=self.manager.host_id,
+        )
+
+    async def stop(self, msg: Msg) -> BaseModel:
+        request = bus.decode(msg.data, StopAgentRequest, subject=msg.subject)
+        record = await self.manager.stop(request.agent_id)
+        if record is None:
+            return _error(request.correlation_id, "agent_not_found", request.agent_id)
+        return AgentRecordReply(correlation_id=request.correlation_id, record=record)
+
+    async def logs(self, msg: Msg) -> BaseModel:
+        request = bus.decode(msg.data, LogsRequest, subject=msg.subject)
+        record = await self.manager.store.get(request.agent_id)
+        if record is None:
+            return _error(request.correlation_id, "agent_not_found", request.agent_id)
+        lines = await self.manager.logs(record, tail=request.tail)
+        return LogsReply(
+            correlation_id=request.correlation_id,
+            agent_id=record.agent_id,
+            container_id=record.container_id or "",
+            lines=lines,
+        )
+
+
+async def run(settings: SupervisorSettings) -> None:
+    """Run the supervisor until SIGTERM or SIGINT."""
+    settings.warn_if_relaxed()
+    if not settings.bind_address.is_loopback:
+        logger.warning(
+            "agent ports are published on %s, not loopback; every host on that network can "
+            "reach the agents",
+            settings.bind_address,
+        )
+    seccomp_profile = load_seccomp_profile(settings.seccomp_profile)
+    docker = DockerAdapter.from_environment()
+    docker.ensure_sandbox_network(settings)
+
+    nats = await bus.connect(settings, name=f"{SERVICE}@{settings.host_id}")
+    audit = AuditPublisher(
+        await bus.ensure_audit_stream(nats), service=SERVICE, host=settings.host_id
+    )
+    audit.start()
+    store = AgentStore(connect_redis(settings), final_record_ttl=settings.final_record_ttl)
+    await store.ping()
+    images = ImageStore(
+        docker,
+        cache_dir=settings.cache_dir,
+        download_limits=DownloadLimits(
+            max_size=int(settings.image_max_size),
+            connect_timeout=settings.download_connect_timeout,
+            read_timeout=settings.download_read_timeout,
+            total_timeout=settings.download_total_timeout,
+            allow_http=settings.allow_http_image_urls,
+        ),
+        tarball_limits=TarballLimits(
+            max_members=settings.image_max_members,
+            max_total_size=int(settings.image_max_size),
+        ),
+    )
+    removed = images.remove_partial_downloads()
+    if removed:
+        logger.warning("removed %d partial downloads left by an earlier run", removed)
+    manager = AgentManager(
+        settings,
+        docker=docker,
+        images=images,
+        store=store,
+        audit=audit,
+        nats=nats,
+        seccomp_profile=seccomp_profile,
+    )
+    audit.emit(
+        "service.started",
+        outcome=AuditOutcome.INFO,
+        actor=SERVICE,
+        details={"settings": settings.redacted(), "relaxed": list(settings.relaxed_settings())},
+    )
+    # TODO: refuse starts until netguard publishes a fresh, verified firewall state.
+    await reconcile(manager)
+
+    handlers = Handlers(manager)
+    subscriptions = [
+        await nats.subscribe(SUBJECT_START, queue=START_QUEUE_GROUP, cb=_serve(handlers.start)),
+        await nats.subscribe(host_subject(settings.host_id, "stop"), cb=_serve(handlers.stop)),
+        await nats.subscribe(host_subject(settings.host_id, "logs"), cb=_serve(handlers.logs)),
+    ]
+    watcher = asyncio.create_task(watch_agents(manager), name="watch-agents")
+    logger.info("supervisor %s started", settings.host_id)
+
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+
+    logger.info(
+        "supervisor %s stopping; running agents are left for the next start", settings.host_id
+    )
+    for subscription in subscriptions:
+        await subscription.unsubscribe()
+    watcher.cancel()
+    audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
+    await audit.close()
+    await nats.drain()
+    logger.info("supervisor %s stopped", settings.host_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of `agent-runner-supervisor`."""
+    try:
+        settings = load_settings(SupervisorSettings, sys.argv[1:] if argv is None else argv)
+    except ConfigurationError as exc:
+        print(f"agent-runner-supervisor: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.configure_logging(service=SERVICE, host=settings.host_id, level=settings.log_level)
+    try:
+        asyncio.run(run(settings))
+    except (CommonError, SupervisorError) as exc:
+        logger.critical("supervisor cannot run: %s", exc)
+        sys.exit(1)

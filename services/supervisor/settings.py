@@ -1,0 +1,146 @@
+"""Supervisor settings: container limits, lifetimes, image download and cache, Docker."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic import ByteSize, Field, model_validator
+
+from libs.common.settings import CommonSettings
+
+MIB = 1024 * 1024
+DOCKER_SECCOMP_PROFILE = Path("/usr/local/share/agent-runner/docker-default-seccomp.json")
+
+
+class SupervisorSettings(CommonSettings):
+    """Everything the supervisor needs to download images and run hardened containers."""
+
+    development_defaults: ClassVar[dict[str, Any]] = {"allow_http_image_urls": True}
+
+    container_memory_limit: ByteSize = Field(
+        ByteSize(512 * MIB),
+        description="Memory limit of each agent container, swap included (bytes; suffixes "
+        "such as 512MiB or 1GiB accepted). The container is killed when it goes over.",
+    )
+    container_cpu_limit: float = Field(
+        1.0, gt=0, le=64, description="CPU limit of each agent container, in CPUs."
+    )
+    container_pids_limit: int = Field(
+        100,
+        ge=8,
+        le=32768,
+        description="Maximum processes and threads in each agent container; stops fork bombs.",
+    )
+    container_disk_limit: ByteSize = Field(
+        ByteSize(64 * MIB),
+        description="Size of the /tmp tmpfs, the only writable path of an agent (bytes; "
+        "suffixes accepted). The root filesystem is read-only. It counts towards the memory "
+        "limit.",
+    )
+    container_nofile_limit: int = Field(
+        1024, ge=64, le=1_048_576, description="Open-file limit (RLIMIT_NOFILE) of each agent."
+    )
+    container_log_max_size: ByteSize = Field(
+        ByteSize(10 * MIB),
+        description="Size at which Docker rotates an agent's log file; two files are kept, so "
+        "an agent cannot fill the host disk with output (bytes; suffixes accepted).",
+    )
+    max_container_lifetime: int = Field(
+        3600,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Seconds an agent may run before it is stopped. A request may ask for a "
+        "shorter lifetime, never a longer one.",
+    )
+    agent_start_timeout: float = Field(
+        30.0, gt=0, le=600, description="Seconds an agent has to answer HTTP on port 80."
+    )
+    agent_stop_grace: int = Field(
+        5, ge=0, le=60, description="Seconds between SIGTERM and SIGKILL when stopping."
+    )
+    max_agents: int = Field(
+        50, gt=0, le=10_000, description="Maximum agents running on this host at once."
+    )
+    max_concurrent_starts: int = Field(
+        4, gt=0, le=64, description="Maximum image downloads and starts in progress at once."
+    )
+    bind_address: IPv4Address = Field(
+        IPv4Address("127.0.0.1"),
+        description="Host address on which agent ports are published. Keep it on loopback: "
+        "any other address exposes every agent to that network.",
+    )
+    runtime: str = Field(
+        "runc",
+        pattern=r"^(runc|runsc)$",
+        description="OCI runtime of agent containers: 'runc', or 'runsc' for gVisor.",
+    )
+    sandbox_network: str = Field(
+        "agent-runner-sandbox",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Name of the Docker bridge network that agents join.",
+    )
+    sandbox_subnet: IPv4Network = Field(
+        IPv4Network("172.30.0.0/16"),
+        description="Subnet of the sandbox network; must not overlap any network of the host.",
+    )
+    sandbox_bridge: str = Field(
+        "ar-sandbox0",
+        pattern=r"^[A-Za-z0-9_.-]{1,15}$",
+        description="Linux bridge interface name of the sandbox network.",
+    )
+    seccomp_profile: Path = Field(
+        DOCKER_SECCOMP_PROFILE,
+        description="Seccomp profile (JSON) applied to every agent. scripts/deps.sh installs "
+        "Docker's own default profile there, taken from Debian's golang-github-docker-docker-dev.",
+    )
+    allow_http_image_urls: bool = Field(
+        False,
+        description="Accept plain http:// image URLs. Development profile: true. Without TLS "
+        "anyone on the path can swap the tarball; the digest check still holds.",
+    )
+    image_max_size: ByteSize = Field(
+        ByteSize(2048 * MIB),
+        description="Largest image tarball accepted for download (bytes; suffixes accepted).",
+    )
+    image_max_members: int = Field(
+        10_000, gt=0, description="Most members allowed in an image tarball."
+    )
+    download_connect_timeout: float = Field(
+        10.0, gt=0, le=300, description="Seconds to connect to an image URL."
+    )
+    download_read_timeout: float = Field(
+        30.0, gt=0, le=600, description="Seconds to wait for more bytes of an image."
+    )
+    download_total_timeout: float = Field(
+        600.0, gt=0, le=7200, description="Seconds a whole image download may take."
+    )
+    cache_dir: Path = Field(
+        Path("/var/lib/agent-runner/cache"),
+        description="Folder of the content-addressed cache of verified image tarballs.",
+    )
+    monitor_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between checks of agent lifetimes and exits."
+    )
+    log_max_line_length: int = Field(
+        8192, ge=80, le=1_048_576, description="Characters kept of one agent log line."
+    )
+    final_record_ttl: int = Field(
+        7 * 24 * 3600, gt=0, description="Seconds to keep records of stopped agents."
+    )
+
+    @model_validator(mode="after")
+    def _check_subnet(self) -> Self:
+        if not self.sandbox_subnet.is_private or self.sandbox_subnet.prefixlen > 28:
+            raise ValueError(
+                f"sandbox_subnet {self.sandbox_subnet} must be a private IPv4 network of at "
+                "least /28, such as 172.30.0.0/16"
+            )
+        if self.container_disk_limit >= self.container_memory_limit:
+            raise ValueError(
+                f"container_disk_limit ({int(self.container_disk_limit)} bytes) must be smaller "
+                f"than container_memory_limit ({int(self.container_memory_limit)} bytes) "
+                "because the tmpfs counts towards it"
+            )
+        return self
