@@ -1,0 +1,223 @@
+"""Run the real gateway and supervisor as subprocesses for integration tests and benchmarks.
+
+Connection settings for NATS and Redis come from the environment that scripts/deps.sh
+writes (var/agent-runner.env). Each stack uses its own host id, cache folder, key file and
+sandbox network, so its containers are easy to find and remove, and every process it starts
+is ended by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+HOST_LABEL = "io.agent-runner.host-id"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class FileServer:
+    """Serve a folder over HTTP on 127.0.0.1 from a thread."""
+
+    def __init__(self, directory: Path) -> None:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.directory = directory
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str) -> str:
+        """Return the URL of file `name` in the served folder."""
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class Stack:
+    """A gateway and a supervisor started for one test session."""
+
+    workdir: Path
+    supervisor_args: list[str] = field(default_factory=list)
+    api_args: list[str] = field(default_factory=list)
+    profile: str = "development"
+    host_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
+    api_port: int = field(default_factory=free_port)
+    network: str = "agent-runner-test"
+    subnet: str = "172.29.0.0/24"
+    bridge: str = "ar-test0"
+    api_key: str = ""
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the gateway."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers that authenticate as the stack's key."""
+        return {"X-API-Key": self.api_key}
+
+    def env(self) -> dict[str, str]:
+        """Return the environment of the services."""
+        env = dict(os.environ)
+        env.update(
+            AGENT_RUNNER_PROFILE=self.profile,
+            AGENT_RUNNER_HOST_ID=self.host_id,
+            AGENT_RUNNER_LOG_LEVEL="INFO",
+        )
+        return env
+
+    def start(self) -> None:
+        """Create the key and start both services; wait until the gateway answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        key_file = self.workdir / "api-keys"
+        key_file.unlink(missing_ok=True)
+        self.api_key = subprocess.run(
+            [VENV_BIN / "agent-runner", "keys", "create", "--file", key_file, "--id", "tests"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        self.start_supervisor()
+        self.start_api([f"--api-keys-file={key_file}"])
+
+    def start_supervisor(self, extra: list[str] | None = None) -> None:
+        """Start the supervisor and wait until it subscribed."""
+        args = [
+            f"--cache-dir={self.workdir / 'cache'}",
+            f"--sandbox-network={self.network}",
+            f"--sandbox-subnet={self.subnet}",
+            f"--sandbox-bridge={self.bridge}",
+            *self.supervisor_args,
+            *(extra or []),
+        ]
+        self._spawn("supervisor", "agent-runner-supervisor", args)
+        self._wait_for_log("supervisor", "started", timeout=60)
+
+    def start_api(self, args: list[str]) -> None:
+        """Start the gateway and wait until /healthz answers."""
+        self._spawn(
+            "api", "agent-runner-api", [f"--listen-port={self.api_port}", *args, *self.api_args]
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self._check_alive("api")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"gateway did not answer within 30 s; see {self._log('api')}")
+
+    def stop_service(self, name: str, *, sig: int = signal.SIGTERM) -> int:
+        """Send `sig` to a service, wait for it and return its exit status."""
+        process = self.processes.pop(name)
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(timeout=10)
+
+    def close(self) -> None:
+        """Stop every service and remove every container and the network of this stack."""
+        for name in list(self.processes):
+            self.stop_service(name)
+        client = docker.from_env()
+        try:
+            for container in client.containers.list(
+                all=True, filters={"label": f"{HOST_LABEL}={self.host_id}"}
+            ):
+                container.remove(force=True, v=True)
+            for network in client.networks.list(names=[self.network]):
+                if network.name == self.network:
+                    network.remove()
+        finally:
+            client.close()
+
+    def log_text(self, name: str) -> str:
+        """Return what a service has logged so far."""
+        return self._log(name).read_text(errors="replace")
+
+    def _log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def _spawn(self, name: str, command: str, args: list[str]) -> None:
+        log = self._log(name).open("ab")
+        self.processes[name] = subprocess.Popen(
+            [VENV_BIN / command, *args], env=self.env(), stdout=log, stderr=log
+        )
+
+    def _check_alive(self, name: str) -> None:
+        status = self.processes[name].poll()
+        if status is not None:
+            raise RuntimeError(
+                f"{name} exited with status {status}:\n{self.log_text(name)[-3000:]}"
+            )
+
+    def _wait_for_log(self, name: str, text: str, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        marker = f"{name} {self.host_id} {text}"
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            if marker in self.log_text(name):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not log {marker!r} within {timeout:g} s")
+
+
+@contextlib.contextmanager
+def running_stack(workdir: Path, **options: Any) -> Iterator[Stack]:
+    """Start a stack and always clean it up."""
+    stack = Stack(workdir=workdir, **options)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+def wait_for_state(
+    client: httpx.Client, agent_id: str, states: set[str], *, timeout: float
+) -> dict[str, Any]:
+    """Poll GET /v1/agents/{id} until its state is one of `states`; return the agent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        agent: dict[str, Any] = client.get(f"/v1/agents/{agent_id}").json()
+        if agent.get("state") in states:
+            return agent
+        if time.monotonic() > deadline:
+            raise AssertionError(f"agent {agent_id} stayed {agent.get('state')!r}: {agent}")
+        time.sleep(0.1)
