@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import docker
@@ -11,7 +10,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Tarball
-from tests.support.stack import VENV_BIN, Stack, wait_for_state
+from tests.support.stack import Stack, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -27,17 +26,6 @@ def start_agent(api: httpx.Client, tarball: Tarball, **extra: Any) -> dict[str, 
     assert response.status_code == 202, response.text
     agent: dict[str, Any] = response.json()
     return agent
-
-
-def audit_events(agent_id: str) -> list[dict[str, Any]]:
-    output = subprocess.run(
-        [VENV_BIN / "agent-runner", "audit", "events", "--agent-id", agent_id],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    return [json.loads(line) for line in output.splitlines()]
 
 
 def test_agent_runs_locked_down_and_stops(
@@ -104,7 +92,7 @@ def test_agent_runs_locked_down_and_stops(
     kept_logs = api.get(f"/v1/agents/{agent_id}/logs").json()["lines"]
     assert any("listening on port 80" in line["text"] for line in kept_logs)
 
-    types = [event["type"] for event in audit_events(agent_id)]
+    types = [event["type"] for event in stack.audit_events(agent_id)]
     for expected in (
         "agent.requested",
         "image.verified",
@@ -142,7 +130,7 @@ def test_listing_shows_agent(api: httpx.Client, echo_tarball: Tarball) -> None:
 
 
 def test_agent_outliving_lifetime_is_killed(
-    api: httpx.Client, echo_tarball: Tarball, docker_client: docker.DockerClient
+    api: httpx.Client, stack: Stack, echo_tarball: Tarball, docker_client: docker.DockerClient
 ) -> None:
     agent = start_agent(api, echo_tarball, lifetime_seconds=2)
     assert agent["state"] == "ready"
@@ -152,5 +140,5 @@ def test_agent_outliving_lifetime_is_killed(
     assert stopped["exit_code"] is not None
     with pytest.raises(docker.errors.NotFound):
         docker_client.containers.get(agent["container_id"])
-    types = [event["type"] for event in audit_events(agent["agent_id"])]
+    types = [event["type"] for event in stack.audit_events(agent["agent_id"])]
     assert "agent.killed" in types

@@ -1,9 +1,11 @@
 """Run the real gateway and supervisor as subprocesses for integration tests and benchmarks.
 
-Connection settings for NATS and Redis come from the environment that scripts/deps.sh
-writes (var/agent-runner.env). Each stack uses its own host id, cache folder, key file and
-sandbox network, so its containers are easy to find and remove, and every process it starts
-is ended by pid.
+Each stack runs its own nats-server with JetStream on a free loopback port, so stacks of
+concurrent test runs never take each other's requests from the shared `supervisor` queue
+group. Redis comes from the environment that scripts/deps.sh writes (var/agent-runner.env);
+records are keyed by random agent ids, so stacks can share it. Each stack uses its own host
+id, cache folder, key file and sandbox network, so its containers are easy to find and
+remove, and every process it starts is ended by pid.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import signal
 import socket
@@ -74,6 +77,8 @@ class Stack:
     profile: str = "development"
     host_id: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
     api_port: int = field(default_factory=free_port)
+    nats_port: int = field(default_factory=free_port)
+    nats_password: str = field(default_factory=lambda: uuid.uuid4().hex)
     network: str = "agent-runner-test"
     subnet: str = "172.29.0.0/24"
     bridge: str = "ar-test0"
@@ -97,6 +102,9 @@ class Stack:
             AGENT_RUNNER_PROFILE=self.profile,
             AGENT_RUNNER_HOST_ID=self.host_id,
             AGENT_RUNNER_LOG_LEVEL="INFO",
+            AGENT_RUNNER_NATS_URL=f"nats://127.0.0.1:{self.nats_port}",
+            AGENT_RUNNER_NATS_USER="tests",
+            AGENT_RUNNER_NATS_PASSWORD=self.nats_password,
         )
         return env
 
@@ -111,8 +119,32 @@ class Stack:
             capture_output=True,
             text=True,
         ).stdout.strip()
+        self.start_nats()
         self.start_supervisor()
         self.start_api([f"--api-keys-file={key_file}"])
+
+    def start_nats(self) -> None:
+        """Start this stack's nats-server with JetStream and wait until it accepts clients."""
+        config = self.workdir / "nats.conf"
+        config.write_text(
+            f'listen: "127.0.0.1:{self.nats_port}"\n'
+            f'jetstream {{ store_dir: "{self.workdir / "nats"}" }}\n'
+            f'authorization {{ user: "tests", password: "{self.nats_password}" }}\n'
+        )
+        log = self._log("nats").open("ab")
+        self.processes["nats"] = subprocess.Popen(
+            ["nats-server", "-c", str(config)], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            self._check_alive("nats")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.nats_port), timeout=1),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen within 20 s; see {self._log('nats')}")
 
     def start_supervisor(self, extra: list[str] | None = None) -> None:
         """Start the supervisor and wait until it subscribed."""
@@ -153,8 +185,9 @@ class Stack:
 
     def close(self) -> None:
         """Stop every service and remove every container and the network of this stack."""
-        for name in list(self.processes):
-            self.stop_service(name)
+        for name in ("api", "supervisor", "nats"):
+            if name in self.processes:
+                self.stop_service(name)
         client = docker.from_env()
         try:
             for container in client.containers.list(
@@ -166,6 +199,16 @@ class Stack:
                     network.remove()
         finally:
             client.close()
+
+    def audit_events(self, agent_id: str | None = None) -> list[dict[str, Any]]:
+        """Return the events in this stack's audit stream, of one agent when given."""
+        command = [str(VENV_BIN / "agent-runner"), "audit", "events"]
+        if agent_id is not None:
+            command += ["--agent-id", agent_id]
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, timeout=60, env=self.env()
+        ).stdout
+        return [json.loads(line) for line in output.splitlines()]
 
     def log_text(self, name: str) -> str:
         """Return what a service has logged so far."""
