@@ -156,8 +156,9 @@ class Stack:
             *self.supervisor_args,
             *(extra or []),
         ]
+        offset = self._log("supervisor").stat().st_size if self._log("supervisor").exists() else 0
         self._spawn("supervisor", "agent-runner-supervisor", args)
-        self._wait_for_log("supervisor", "started", timeout=60)
+        self._wait_for_log("supervisor", "started", timeout=60, offset=offset)
 
     def start_api(self, args: list[str]) -> None:
         """Start the gateway and wait until /healthz answers."""
@@ -230,12 +231,12 @@ class Stack:
                 f"{name} exited with status {status}:\n{self.log_text(name)[-3000:]}"
             )
 
-    def _wait_for_log(self, name: str, text: str, *, timeout: float) -> None:
+    def _wait_for_log(self, name: str, text: str, *, timeout: float, offset: int = 0) -> None:
         deadline = time.monotonic() + timeout
         marker = f"{name} {self.host_id} {text}"
         while time.monotonic() < deadline:
             self._check_alive(name)
-            if marker in self.log_text(name):
+            if marker in self.log_text(name)[offset:]:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not log {marker!r} within {timeout:g} s")

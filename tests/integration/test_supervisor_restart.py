@@ -1,0 +1,114 @@
+"""Supervisor restarts: running agents are adopted, everything else is cleaned up."""
+
+from __future__ import annotations
+
+import signal
+
+import docker
+import httpx
+import pytest
+
+from tests.integration.conftest import Tarball
+from tests.support.images import build_echo_agent_image
+from tests.support.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def start_ready_agent(api: httpx.Client, tarball: Tarball) -> dict[str, str]:
+    response = api.post(
+        "/v1/agents",
+        params={"wait": "true"},
+        json={"image_url": tarball.url, "image_digest": tarball.digest},
+    )
+    assert response.status_code == 202, response.text
+    agent: dict[str, str] = response.json()
+    assert agent["state"] == "ready", agent
+    return agent
+
+
+def our_containers(client: docker.DockerClient, stack: Stack) -> list[str]:
+    containers = client.containers.list(
+        all=True, filters={"label": f"io.agent-runner.host-id={stack.host_id}"}
+    )
+    return [str(container.id) for container in containers]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_running_agent_survives_restart(
+    api: httpx.Client,
+    stack: Stack,
+    echo_tarball: Tarball,
+    docker_client: docker.DockerClient,
+    stop_signal: signal.Signals,
+) -> None:
+    agent = start_ready_agent(api, echo_tarball)
+    agent_id = agent["agent_id"]
+
+    stack.stop_service("supervisor", sig=stop_signal)
+    assert api.get(f"/v1/agents/{agent_id}").json()["state"] == "ready"
+    assert api.get(f"/v1/agents/{agent_id}/http/").status_code == 200
+    stack.start_supervisor()
+
+    assert api.get(f"/v1/agents/{agent_id}").json()["state"] == "ready"
+    assert api.get(f"/v1/agents/{agent_id}/http/").status_code == 200
+    listed = [item["agent_id"] for item in api.get("/v1/agents").json()["agents"]]
+    assert agent_id in listed
+    logs = api.get(f"/v1/agents/{agent_id}/logs").json()["lines"]
+    assert any("listening on port 80" in line["text"] for line in logs)
+    stopped = api.delete(f"/v1/agents/{agent_id}").json()
+    assert stopped["state"] == "stopped"
+    assert agent["container_id"] not in our_containers(docker_client, stack)
+    assert "adopted running agent" in stack.log_text("supervisor")
+
+
+def test_container_gone_during_restart_fails_agent(
+    api: httpx.Client, stack: Stack, echo_tarball: Tarball, docker_client: docker.DockerClient
+) -> None:
+    agent = start_ready_agent(api, echo_tarball)
+
+    stack.stop_service("supervisor")
+    docker_client.containers.get(agent["container_id"]).remove(force=True)
+    stack.start_supervisor()
+
+    record = api.get(f"/v1/agents/{agent['agent_id']}").json()
+    assert record["state"] == "failed"
+    assert record["failure_reason"] == "container_missing"
+
+
+def test_unknown_labelled_container_removed_at_start(
+    stack: Stack, docker_client: docker.DockerClient
+) -> None:
+    image_id = build_echo_agent_image(docker_client)
+    try:
+        stray = docker_client.containers.create(
+            image_id,
+            labels={
+                "io.agent-runner.managed": "true",
+                "io.agent-runner.host-id": stack.host_id,
+                "io.agent-runner.agent-id": "ag-" + "0" * 32,
+            },
+        )
+        stack.stop_service("supervisor")
+        stack.start_supervisor()
+        assert str(stray.id) not in our_containers(docker_client, stack)
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"ancestor": image_id}):
+            container.remove(force=True)
+        docker_client.images.remove(image_id, force=True)
+
+
+def test_exited_agent_recorded_after_restart(
+    api: httpx.Client, stack: Stack, echo_tarball: Tarball, docker_client: docker.DockerClient
+) -> None:
+    agent = start_ready_agent(api, echo_tarball)
+
+    stack.stop_service("supervisor")
+    docker_client.containers.get(agent["container_id"]).kill()
+    stack.start_supervisor()
+
+    record = api.get(f"/v1/agents/{agent['agent_id']}").json()
+    assert record["state"] == "stopped"
+    assert record["stop_reason"] == "exited"
+    assert record["exit_code"] == 137
+    assert agent["container_id"] not in our_containers(docker_client, stack)
