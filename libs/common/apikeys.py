@@ -42,7 +42,7 @@ def generate_key() -> str:
 
 def key_file_line(key_id: str, key: str) -> str:
     """Return the key-file line that accepts `key` under `key_id`."""
-    if not KEY_ID_PATTERN.match(key_id):
+    if not KEY_ID_PATTERN.fullmatch(key_id):
         raise ConfigurationError(
             f"key id {key_id!r} is invalid; use 1-64 letters, digits, '.', '_' or '-'"
         )

@@ -43,7 +43,11 @@ async def connect(settings: CommonSettings, *, name: str) -> NatsClient:
     Raises BusError when the first connection fails, naming the URL (never the password).
     """
 
+    connected: list[NatsClient] = []
+
     async def on_disconnected() -> None:
+        if connected and (connected[0].is_closed or connected[0].is_draining):
+            return  # our own close or drain, not a lost connection
         logger.warning("disconnected from NATS at %s; reconnecting", settings.nats_url)
 
     async def on_reconnected() -> None:
@@ -78,6 +82,7 @@ async def connect(settings: CommonSettings, *, name: str) -> NatsClient:
             f"cannot connect to NATS at {settings.nats_url!r}: {exc}; check --nats-url, "
             "the credentials and that nats-server runs with JetStream (-js)"
         ) from exc
+    connected.append(client)
     logger.info("connected to NATS at %s as %s", settings.nats_url, name)
     return client
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import nats.errors
 import typer
@@ -31,7 +31,7 @@ app.add_typer(audit_app, name="audit")
 KeyFile = Annotated[Path, typer.Option("--file", help="API key file of the gateway.")]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"agent-runner: {message}", err=True)
     raise typer.Exit(2)
 
@@ -42,7 +42,7 @@ def create_key(
     key_id: Annotated[str, typer.Option("--id", help="Public name of the new key.")],
 ) -> None:
     """Add a new key to FILE and print it once; only its hash is stored."""
-    if not KEY_ID_PATTERN.match(key_id):
+    if not KEY_ID_PATTERN.fullmatch(key_id):
         _fail(f"key id {key_id!r} is invalid; use 1-64 letters, digits, '.', '_' or '-'")
     existing = read_key_file(file) if file.exists() else []
     if any(key.key_id == key_id for key in existing):
@@ -68,7 +68,10 @@ def revoke_key(
     key_id: Annotated[str, typer.Option("--id", help="Key to revoke.")],
 ) -> None:
     """Remove a key from FILE; a running gateway keeps it until restarted."""
-    lines = file.read_text().splitlines()
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror}")
     kept = [line for line in lines if not line.startswith(f"{key_id}:")]
     if len(kept) == len(lines):
         _fail(f"no key with id {key_id!r} in {file}")

@@ -15,8 +15,9 @@ TRUNCATION_MARKER = " [truncated]"
 # C0 controls except tab, DEL, and C1 controls; ESC (0x1b) is among them, so every escape
 # sequence is shown as text instead of being interpreted by a terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-# Unicode format characters that reorder or hide text (bidirectional overrides, isolates).
-_BIDI = re.compile(r"[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Unicode format characters that reorder or hide text: the bidirectional marks (including
+# U+061C, the Arabic letter mark), embeddings, overrides and isolates.
+_BIDI = re.compile(r"[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _escape(match: re.Match[str]) -> str:

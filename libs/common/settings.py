@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
 from libs.common.errors import ConfigurationError
 
@@ -105,7 +106,7 @@ class CommonSettings(BaseSettings):
     def _check_redis_url_has_no_password(self) -> Self:
         if "@" in self.redis_url:
             raise ValueError(
-                "redis_url must not contain credentials; pass the password with "
+                "--redis-url must not contain credentials; pass the password with "
                 "--redis-password or AGENT_RUNNER_REDIS_PASSWORD"
             )
         return self
@@ -150,9 +151,18 @@ def load_settings(settings_class: type[SettingsT], argv: list[str] | None = None
     """
     try:
         return CliApp.run(settings_class, cli_args=argv if argv is not None else [])
+    except SettingsError as exc:
+        # Unknown flags, a flag without its value and unparsable environment values.
+        raise ConfigurationError(f"invalid settings: {exc}") from exc
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
-            problems.append(f"{option}={error.get('input')!r}: {error['msg']}")
+        problems = [_describe(error) for error in exc.errors()]
         raise ConfigurationError("invalid settings: " + "; ".join(problems)) from exc
+
+
+def _describe(error: ErrorDetails) -> str:
+    if not error["loc"]:
+        # A model validator checks several settings together. Its input is every setting,
+        # secrets included, so only its message is shown, and that message names the options.
+        return error["msg"].removeprefix("Value error, ")
+    option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+    return f"{option}={error.get('input')!r}: {error['msg']}"

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Set everything up and run the main job once. The script starts the gateway and the
+# supervisor, starts the example echo agent from its `docker save` tarball served at a local
+# URL, and calls it through the gateway. It prints the agent's response, its logs and its
+# audit trail, then stops the agent.
+#
+# Run as root from a checkout: bash scripts/demo.sh
+# It installs what is missing (scripts/deps.sh), then runs the services in the foreground of
+# this script and stops them at the end; dockerd, NATS and Redis keep running for the next
+# run (scripts/stop-deps.sh stops them). The tarball is served over plain HTTP from
+# 127.0.0.1, which only the development profile accepts, so both services log a warning.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEMO="$ROOT/var/demo"
+BIN="$ROOT/.venv/bin"
+PIDS=()
+
+say() {
+    printf '\n== %s\n' "$*"
+}
+
+die() {
+    echo "demo: error: $*" >&2
+    exit 1
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+free_port() {
+    "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+show_json() {
+    "$BIN/python" -m json.tool
+}
+
+wait_for_http() {
+    local url=$1 name=$2 attempt
+    for attempt in $(seq 1 150); do
+        if curl -fsS -o /dev/null "$url" 2>/dev/null; then
+            return
+        fi
+        sleep 0.2
+    done
+    tail -n 20 "$DEMO/$name.log" >&2 || true
+    die "$name did not respond at $url within 30 s ($attempt attempts); see $DEMO/$name.log"
+}
+
+bash "$ROOT/scripts/deps.sh"
+# shellcheck source=/dev/null
+. "$ROOT/var/agent-runner.env"
+export AGENT_RUNNER_PROFILE=development
+mkdir -p "$DEMO"
+
+say "building the example agent's image tarball"
+bash "$ROOT/examples/echo-agent/build.sh" "$DEMO/www" >/dev/null
+DIGEST=$(<"$DEMO/www/echo-agent.digest")
+echo "tarball: $DEMO/www/echo-agent.tar"
+echo "digest:  $DIGEST"
+
+WWW_PORT=$(free_port)
+"$BIN/python" -m http.server --bind 127.0.0.1 --directory "$DEMO/www" "$WWW_PORT" \
+    >"$DEMO/www.log" 2>&1 &
+PIDS+=($!)
+IMAGE_URL="http://127.0.0.1:$WWW_PORT/echo-agent.tar"
+wait_for_http "$IMAGE_URL" www
+
+say "creating an API key"
+rm -f "$DEMO/api-keys"
+KEY=$("$BIN/agent-runner" keys create --file "$DEMO/api-keys" --id demo)
+echo "key id 'demo' written to $DEMO/api-keys (hashed)"
+
+say "starting the supervisor and the gateway (logs in $DEMO)"
+API_PORT=$(free_port)
+"$BIN/agent-runner-supervisor" >"$DEMO/supervisor.log" 2>&1 &
+PIDS+=($!)
+"$BIN/agent-runner-api" --api-keys-file "$DEMO/api-keys" --listen-port "$API_PORT" \
+    >"$DEMO/api.log" 2>&1 &
+PIDS+=($!)
+API="http://127.0.0.1:$API_PORT"
+wait_for_http "$API/healthz" api
+for attempt in $(seq 1 100); do
+    grep -q '"supervisor .* started"' "$DEMO/supervisor.log" && break
+    if ((attempt == 100)); then
+        tail -n 20 "$DEMO/supervisor.log" >&2
+        die "the supervisor did not start within 20 s; see $DEMO/supervisor.log"
+    fi
+    sleep 0.2
+done
+echo "gateway: $API"
+
+say "POST /v1/agents?wait=true"
+AGENT=$(curl -fsS -X POST "$API/v1/agents?wait=true" -H "X-API-Key: $KEY" \
+    -H 'Content-Type: application/json' \
+    -d "{\"image_url\": \"$IMAGE_URL\", \"image_digest\": \"$DIGEST\", \"lifetime_seconds\": 300}")
+echo "$AGENT" | show_json
+AGENT_ID=$(echo "$AGENT" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["agent_id"])')
+STATE=$(echo "$AGENT" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+[[ "$STATE" == ready ]] || die "agent $AGENT_ID is $STATE, not ready"
+
+say "POST /v1/agents/$AGENT_ID/http/cgi-bin/echo?greeting=hello (the agent's response)"
+curl -fsS -X POST "$API/v1/agents/$AGENT_ID/http/cgi-bin/echo?greeting=hello" \
+    -H "X-API-Key: $KEY" --data-binary 'a request body for the agent'
+
+say "GET /v1/agents/$AGENT_ID/logs"
+curl -fsS "$API/v1/agents/$AGENT_ID/logs" -H "X-API-Key: $KEY" | show_json
+
+say "DELETE /v1/agents/$AGENT_ID"
+curl -fsS -X DELETE "$API/v1/agents/$AGENT_ID" -H "X-API-Key: $KEY" | show_json
+
+say "audit trail of $AGENT_ID (JetStream stream AUDIT)"
+"$BIN/agent-runner" audit events --agent-id "$AGENT_ID" |
+    "$BIN/python" -c '
+import json, sys
+for line in sys.stdin:
+    event = json.loads(line)
+    print(event["time"], event["service"], event["type"], event["outcome"],
+          event.get("reason_code") or "", sep="  ")
+'
+
+say "done; stopping the gateway and the supervisor"
