@@ -121,7 +121,7 @@ class Stack:
         ).stdout.strip()
         self.start_nats()
         self.start_supervisor()
-        self.start_api([f"--api-keys-file={key_file}"])
+        self.start_api()
 
     def start_nats(self) -> None:
         """Start this stack's nats-server with JetStream and wait until it accepts clients."""
@@ -160,10 +160,16 @@ class Stack:
         self._spawn("supervisor", "agent-runner-supervisor", args)
         self._wait_for_log("supervisor", "started", timeout=60, offset=offset)
 
-    def start_api(self, args: list[str]) -> None:
+    def start_api(self) -> None:
         """Start the gateway and wait until /healthz answers."""
         self._spawn(
-            "api", "agent-runner-api", [f"--listen-port={self.api_port}", *args, *self.api_args]
+            "api",
+            "agent-runner-api",
+            [
+                f"--listen-port={self.api_port}",
+                f"--api-keys-file={self.workdir / 'api-keys'}",
+                *self.api_args,
+            ],
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Supervisor restarts: running agents are adopted, everything else is cleaned up."""
+"""Restarts: the gateway keeps no state, and the supervisor adopts or cleans up."""
 
 from __future__ import annotations
 
@@ -112,3 +112,16 @@ def test_exited_agent_recorded_after_restart(
     assert record["stop_reason"] == "exited"
     assert record["exit_code"] == 137
     assert agent["container_id"] not in our_containers(docker_client, stack)
+
+
+def test_gateway_restart_keeps_agents(
+    api: httpx.Client, stack: Stack, echo_tarball: Tarball
+) -> None:
+    agent = start_ready_agent(api, echo_tarball)
+
+    stack.stop_service("api")
+    stack.start_api()
+
+    assert api.get(f"/v1/agents/{agent['agent_id']}").json()["state"] == "ready"
+    assert api.get(f"/v1/agents/{agent['agent_id']}/http/").status_code == 200
+    assert api.delete(f"/v1/agents/{agent['agent_id']}").json()["state"] == "stopped"
