@@ -152,7 +152,7 @@ def load_settings(settings_class: type[SettingsT], argv: list[str] | None = None
     try:
         return CliApp.run(settings_class, cli_args=argv if argv is not None else [])
     except SettingsError as exc:
-        # Unknown flags, a flag without its value and unparsable environment values.
+        # A command line that cannot be parsed, such as an unknown flag or a flag without a value.
         raise ConfigurationError(f"invalid settings: {exc}") from exc
     except ValidationError as exc:
         problems = [_describe(error) for error in exc.errors()]

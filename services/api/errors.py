@@ -33,11 +33,16 @@ class ApiError(Exception):
         self.message = message
 
 
-class BodyTooLarge(Exception):
-    """The client sent more body bytes than the route allows (`limit`, in bytes)."""
+class BodyTooLarge(StarletteHTTPException):
+    """The client sent more body bytes than the route allows (`limit`, in bytes).
+
+    While FastAPI (0.165) reads a request body, it re-raises only Starlette HTTPExceptions and
+    turns any other error into a 400 "There was an error parsing the body". Deriving from
+    HTTPException keeps the 413 for a chunked body that goes over the limit.
+    """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"request body is over the limit of {limit} bytes")
+        super().__init__(413, f"request body is over the limit of {limit} bytes")
         self.limit = limit
 
 
@@ -71,7 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BodyTooLarge)
     async def on_body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-        return error_response(413, "body_too_large", str(exc))
+        return error_response(413, "body_too_large", exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,7 +95,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.error(
-            "unexpected error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc
-        )
-        return error_response(500, "internal_error", "unexpected gateway error; see its log")
+        # Starlette runs this handler in its outermost middleware, after RequestContextMiddleware
+        # has unbound the request id and without its header, so both are restored here.
+        request_id = getattr(request.state, "request_id", None)
+        with logs.correlation_scope(request_id):
+            logger.error(
+                "unexpected error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc
+            )
+            response = error_response(
+                500, "internal_error", "unexpected gateway error; see its log"
+            )
+        if request_id is not None:
+            response.headers["x-request-id"] = request_id
+        return response

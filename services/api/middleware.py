@@ -79,7 +79,7 @@ class RequestContextMiddleware:
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
-        if name == REQUEST_ID_HEADER and _SAFE_REQUEST_ID.match(value):
+        if name == REQUEST_ID_HEADER and _SAFE_REQUEST_ID.fullmatch(value):
             return str(value.decode())
     return uuid.uuid4().hex
 

@@ -182,10 +182,23 @@ class DockerAdapter:
         return str(container.id)
 
     def published_port(self, container_id: str) -> tuple[str, int]:
-        """Return the host address and port that Docker published for the agent's port 80."""
+        """Return the host address and port that Docker published for the agent's port 80.
+
+        Raises AgentStartError: EXITED_BEFORE_READY when the container has already exited,
+        START_FAILED when it runs without a binding.
+        """
         container = self._get(container_id)
         bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports", {}).get(AGENT_PORT)
         if not bindings:
+            # Docker (20.10) removes the bindings of a container that has exited, so an agent
+            # that exits at once has none.
+            status = _status_of(container)
+            if not status.running:
+                raise AgentStartError(
+                    FailureReason.EXITED_BEFORE_READY,
+                    f"container {container_id[:12]} exited with code {status.exit_code} before "
+                    "answering HTTP on port 80",
+                )
             raise AgentStartError(
                 FailureReason.START_FAILED, f"container {container_id[:12]} has no port binding"
             )

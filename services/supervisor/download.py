@@ -47,13 +47,15 @@ def check_image_url(url: str, *, allow_http: bool) -> None:
             FailureReason.URL_NOT_ALLOWED,
             f"image URL scheme {parts.scheme!r} is not allowed; use https://{hint}",
         )
-    if not parts.hostname:
-        raise ImageRejected(FailureReason.URL_NOT_ALLOWED, f"image URL {url!r} has no host")
+    # Credentials are checked before the host, so a rejected URL with a password is never
+    # echoed in an error message.
     if parts.username is not None or parts.password is not None:
         raise ImageRejected(
             FailureReason.URL_NOT_ALLOWED,
             "image URL must not contain credentials; serve the tarball without them",
         )
+    if not parts.hostname:
+        raise ImageRejected(FailureReason.URL_NOT_ALLOWED, f"image URL {url!r} has no host")
 
 
 def download_image(url: str, *, digest: str, directory: Path, limits: DownloadLimits) -> Path:
@@ -100,6 +102,15 @@ def _stream_to(url: str, output: BinaryIO, *, limits: DownloadLimits) -> str:
                     f"GET {url} answered HTTP {response.status_code}, expected 200"
                     + (" (redirects are not followed)" if response.is_redirect else ""),
                 )
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                # A compressed body can expand a thousandfold in one decoded chunk, before any
+                # size check could run, so only the plain bytes of the tarball are accepted.
+                raise ImageRejected(
+                    FailureReason.DOWNLOAD_FAILED,
+                    f"GET {url} answered with Content-Encoding {encoding!r}; serve the tarball "
+                    "without content encoding",
+                )
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > limits.max_size:
                 raise ImageRejected(
@@ -107,8 +118,7 @@ def _stream_to(url: str, output: BinaryIO, *, limits: DownloadLimits) -> str:
                     f"image is {declared} bytes, over the limit of {limits.max_size} bytes "
                     "(--image-max-size)",
                 )
-            # iter_bytes undoes any Content-Encoding; the size limit counts decoded bytes.
-            for chunk in response.iter_bytes(CHUNK_SIZE):
+            for chunk in response.iter_raw(CHUNK_SIZE):
                 received += len(chunk)
                 if received > limits.max_size:
                     raise ImageRejected(

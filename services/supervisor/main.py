@@ -78,10 +78,15 @@ def load_seccomp_profile(path: Path) -> str:
     except ValueError as exc:
         raise ConfigurationError(f"--seccomp-profile {str(path)!r} is not JSON: {exc}") from exc
     default_action = profile.get("defaultAction") if isinstance(profile, dict) else None
-    if default_action not in _ALLOWED_SECCOMP_DEFAULTS or not profile.get("syscalls"):
+    if default_action not in _ALLOWED_SECCOMP_DEFAULTS:
         raise ConfigurationError(
             f"--seccomp-profile {str(path)!r} has defaultAction {default_action!r}; expected a "
             "profile that denies unlisted syscalls (SCMP_ACT_ERRNO or a kill action)"
+        )
+    if not profile.get("syscalls"):
+        raise ConfigurationError(
+            f"--seccomp-profile {str(path)!r} allows no syscall, so no agent could start; "
+            "expected a 'syscalls' list such as the one in Docker's default profile"
         )
     return json.dumps(profile, separators=(",", ":"))
 

@@ -134,13 +134,13 @@ class SupervisorSettings(CommonSettings):
     def _check_subnet(self) -> Self:
         if not self.sandbox_subnet.is_private or self.sandbox_subnet.prefixlen > 28:
             raise ValueError(
-                f"sandbox_subnet {self.sandbox_subnet} must be a private IPv4 network of at "
+                f"--sandbox-subnet {self.sandbox_subnet} must be a private IPv4 network of at "
                 "least /28, such as 172.30.0.0/16"
             )
         if self.container_disk_limit >= self.container_memory_limit:
             raise ValueError(
-                f"container_disk_limit ({int(self.container_disk_limit)} bytes) must be smaller "
-                f"than container_memory_limit ({int(self.container_memory_limit)} bytes) "
+                f"--container-disk-limit ({int(self.container_disk_limit)} bytes) must be "
+                f"smaller than --container-memory-limit ({int(self.container_memory_limit)} bytes) "
                 "because the tmpfs counts towards it"
             )
         return self

@@ -1,0 +1,296 @@
+"""Tests for the NATS message schemas: strictness, versioning and identifier patterns."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from libs.common.messages import (
+    AgentRecord,
+    AuditEvent,
+    AuditOutcome,
+    LogLine,
+    LogsRequest,
+    StartAgentRequest,
+    StopAgentRequest,
+    host_subject,
+    new_agent_id,
+    state_subject,
+)
+
+AGENT_ID = "ag-" + "0123456789abcdef" * 2
+DIGEST = "sha256:" + "ab" * 32
+
+
+def start_request(**fields: Any) -> dict[str, Any]:
+    """Return the fields of a valid StartAgentRequest, updated with `fields`."""
+    return {
+        "correlation_id": "req-1",
+        "agent_id": AGENT_ID,
+        "image_url": "https://127.0.0.1/agent.tar",
+        "image_digest": DIGEST,
+        "lifetime_seconds": 60,
+        **fields,
+    }
+
+
+def audit_event(**fields: Any) -> dict[str, Any]:
+    """Return the fields of a valid AuditEvent, updated with `fields`."""
+    return {
+        "service": "api",
+        "host": "unit-host",
+        "type": "agent.created",
+        "actor": "key-1",
+        "outcome": "success",
+        **fields,
+    }
+
+
+def error_fields(error: pytest.ExceptionInfo[ValidationError]) -> list[str]:
+    """Return the first location part of every validation error."""
+    return [str(detail["loc"][0]) for detail in error.value.errors()]
+
+
+def test_start_request_accepts_valid_fields() -> None:
+    request = StartAgentRequest.model_validate(start_request())
+
+    assert request.schema_version == 1
+    assert request.kind == "start_agent"
+
+
+def test_start_request_round_trips_json() -> None:
+    request = StartAgentRequest.model_validate(start_request(env={"MODE": "fast"}))
+
+    decoded = StartAgentRequest.model_validate_json(request.model_dump_json())
+
+    assert decoded == request
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        pytest.param(StartAgentRequest, start_request(), id="start"),
+        pytest.param(StopAgentRequest, {"correlation_id": "c", "agent_id": AGENT_ID}, id="stop"),
+        pytest.param(
+            LogsRequest, {"correlation_id": "c", "agent_id": AGENT_ID, "tail": 10}, id="logs"
+        ),
+        pytest.param(LogLine, {"stream": "stdout", "time": None, "text": "hi"}, id="log-line"),
+        pytest.param(AuditEvent, audit_event(), id="audit"),
+        pytest.param(
+            AgentRecord,
+            {
+                "agent_id": AGENT_ID,
+                "state": "ready",
+                "image_url": "https://127.0.0.1/agent.tar",
+                "image_digest": DIGEST,
+                "lifetime_seconds": 60,
+                "correlation_id": "c",
+                "created_at": "2024-01-01T00:00:00Z",
+            },
+            id="record",
+        ),
+    ],
+)
+def test_unknown_field_rejected(model: type[BaseModel], fields: dict[str, Any]) -> None:
+    model.model_validate(fields)
+
+    with pytest.raises(ValidationError) as error:
+        model.model_validate({**fields, "privileged": True})
+
+    assert error_fields(error) == ["privileged"]
+
+
+@pytest.mark.parametrize("version", [0, 2, "2", None])
+def test_unknown_schema_version_rejected(version: Any) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(schema_version=version))
+
+    assert error_fields(error) == ["schema_version"]
+
+
+def test_unknown_schema_version_rejected_in_json() -> None:
+    payload = json.dumps(start_request(schema_version=2))
+
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate_json(payload)
+
+    assert error_fields(error) == ["schema_version"]
+
+
+def test_audit_event_unknown_version_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        AuditEvent.model_validate(audit_event(schema_version=2))
+
+    assert error_fields(error) == ["schema_version"]
+
+
+def test_wrong_kind_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(kind="stop_agent"))
+
+    assert error_fields(error) == ["kind"]
+
+
+@pytest.mark.parametrize(
+    "agent_id",
+    [
+        pytest.param("ag-" + "A" * 32, id="upper-case"),
+        pytest.param("ag-" + "0" * 31, id="short"),
+        pytest.param("ag-" + "0" * 33, id="long"),
+        pytest.param("0" * 32, id="no-prefix"),
+        pytest.param("AG-" + "0" * 32, id="upper-prefix"),
+        pytest.param("ag-" + "g" * 32, id="not-hex"),
+        pytest.param("ag-" + "0" * 32 + "\n", id="trailing-newline"),
+        pytest.param("ag-" + "0" * 30 + ".>", id="subject-wildcard"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_invalid_agent_id_rejected(agent_id: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(agent_id=agent_id))
+
+    assert error_fields(error) == ["agent_id"]
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        pytest.param("sha256:" + "AB" * 32, id="upper-case"),
+        pytest.param("sha256:" + "a" * 63, id="short"),
+        pytest.param("sha256:" + "a" * 65, id="long"),
+        pytest.param("a" * 64, id="no-prefix"),
+        pytest.param("sha512:" + "a" * 64, id="other-algorithm"),
+        pytest.param("sha256:" + "a" * 64 + "\n", id="trailing-newline"),
+    ],
+)
+def test_invalid_digest_rejected(digest: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(image_digest=digest))
+
+    assert error_fields(error) == ["image_digest"]
+
+
+@pytest.mark.parametrize("name", ["PATH", "_PRIVATE", "a1", "X" * 128])
+def test_valid_env_name_accepted(name: str) -> None:
+    request = StartAgentRequest.model_validate(start_request(env={name: "1"}))
+
+    assert request.env == {name: "1"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("1ST", id="leading-digit"),
+        pytest.param("A-B", id="dash"),
+        pytest.param("A=B", id="equals"),
+        pytest.param("A B", id="space"),
+        pytest.param("A\nB", id="newline"),
+        pytest.param("X" * 129, id="too-long"),
+    ],
+)
+def test_invalid_env_name_rejected(name: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(env={name: "1"}))
+
+    assert error_fields(error) == ["env"]
+
+
+def test_too_many_env_variables_rejected() -> None:
+    env = {f"V{index}": "1" for index in range(65)}
+
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(env=env))
+
+    assert error_fields(error) == ["env"]
+
+
+def test_long_env_value_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(env={"V": "x" * 4097}))
+
+    assert error_fields(error) == ["env"]
+
+
+@pytest.mark.parametrize("lifetime", [0, -1])
+def test_non_positive_lifetime_rejected(lifetime: int) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(lifetime_seconds=lifetime))
+
+    assert error_fields(error) == ["lifetime_seconds"]
+
+
+@pytest.mark.parametrize("correlation_id", ["", "has space", "x" * 129, "a\nb"])
+def test_invalid_correlation_id_rejected(correlation_id: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        StopAgentRequest.model_validate({"correlation_id": correlation_id, "agent_id": AGENT_ID})
+
+    assert error_fields(error) == ["correlation_id"]
+
+
+def test_messages_are_frozen() -> None:
+    request = StopAgentRequest(correlation_id="c", agent_id=AGENT_ID)
+
+    with pytest.raises(ValidationError):
+        request.agent_id = "ag-" + "1" * 32  # type: ignore[misc]
+
+
+def test_new_agent_id_matches_pattern() -> None:
+    request = StopAgentRequest(correlation_id="c", agent_id=new_agent_id())
+
+    assert request.agent_id.startswith("ag-")
+
+
+def test_new_agent_ids_differ() -> None:
+    assert new_agent_id() != new_agent_id()
+
+
+def test_audit_event_subject() -> None:
+    event = AuditEvent.model_validate(audit_event(service="supervisor", type="agent.stopped"))
+
+    assert event.subject == "audit.supervisor.agent.stopped"
+
+
+def test_audit_event_defaults() -> None:
+    event = AuditEvent.model_validate(audit_event())
+
+    assert event.schema_version == 1
+    assert event.outcome == AuditOutcome.SUCCESS
+    assert event.time.tzinfo is not None
+    assert len(event.event_id) == 32
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        pytest.param("agent", id="no-dot"),
+        pytest.param("Agent.Created", id="upper-case"),
+        pytest.param("agent..created", id="empty-part"),
+        pytest.param("agent.>", id="wildcard"),
+        pytest.param("agent.created.", id="trailing-dot"),
+        pytest.param("agent created.x", id="space"),
+    ],
+)
+def test_invalid_audit_type_rejected(event_type: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        AuditEvent.model_validate(audit_event(type=event_type))
+
+    assert error_fields(error) == ["type"]
+
+
+def test_unknown_audit_outcome_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        AuditEvent.model_validate(audit_event(outcome="maybe"))
+
+    assert error_fields(error) == ["outcome"]
+
+
+def test_host_subject() -> None:
+    assert host_subject("host-1", "stop") == "agents.v1.host.host-1.stop"
+
+
+def test_state_subject() -> None:
+    assert state_subject(AGENT_ID) == f"agents.v1.state.{AGENT_ID}"
