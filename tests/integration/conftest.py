@@ -6,6 +6,7 @@ the settings are read from there when the environment does not set them already.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,8 +68,12 @@ def make_tarball(
 
 
 @pytest.fixture(scope="session")
-def echo_tarball(docker_client: docker.DockerClient, served: FileServer) -> Tarball:
-    return make_tarball(docker_client, served, build_echo_agent_image(docker_client), "echo.tar")
+def echo_tarball(docker_client: docker.DockerClient, served: FileServer) -> Iterator[Tarball]:
+    image_id = build_echo_agent_image(docker_client)
+    yield make_tarball(docker_client, served, image_id, "echo.tar")
+    # The stacks loaded it again from the tarball under the same ID.
+    with contextlib.suppress(docker.errors.NotFound):
+        docker_client.images.remove(image_id, force=True)
 
 
 @pytest.fixture(scope="session")
