@@ -44,7 +44,7 @@ from services.api.settings import ApiSettings
 
 logger = logging.getLogger(__name__)
 
-_AGENT_ID = re.compile(r"^ag-[0-9a-f]{32}$")
+_AGENT_ID = re.compile(r"ag-[0-9a-f]{32}")
 # A stop may wait for a start in progress (10 s) and then for the container to stop.
 STOP_REPLY_EXTRA_SECONDS = 30.0
 PASSTHROUGH_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -69,8 +69,8 @@ def services_of(request: Request) -> Services:
 
 
 async def _services_dependency(request: Request) -> Services:
-    # FastAPI runs a plain `def` dependency in a worker thread; the hop to it and back cost
-    # about a tenth of a millisecond on every request for what is an attribute lookup.
+    # FastAPI runs a plain `def` dependency in a worker thread. For an attribute lookup that
+    # hop cost about 0.2 ms per request (bench/passthrough.py, 2 CPUs), so this one is async.
     return services_of(request)
 
 
@@ -117,7 +117,7 @@ router = APIRouter(prefix="/v1", tags=["agents"])
 
 
 async def _record_or_404(services: Services, agent_id: str) -> AgentRecord:
-    record = await services.store.get(agent_id) if _AGENT_ID.match(agent_id) else None
+    record = await services.store.get(agent_id) if _AGENT_ID.fullmatch(agent_id) else None
     if record is None:
         raise ApiError(404, "agent_not_found", f"no agent with id {agent_id!r}")
     return record
