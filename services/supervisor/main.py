@@ -250,6 +250,7 @@ async def run(settings: SupervisorSettings) -> None:
     for subscription in subscriptions:
         await subscription.unsubscribe()
     watcher.cancel()
+    await manager.close()
     audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
     await audit.close()
     await nats.drain()
