@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -60,6 +60,13 @@ def state_subject(agent_id: str) -> str:
     return f"agents.v1.state.{agent_id}"
 
 
+def _exact_version(value: Any) -> Any:
+    # Pydantic's lax mode would take true or 1.0 for Literal[1]; a version is an integer.
+    if type(value) is not int:
+        raise ValueError(f"schema_version must be the integer 1, got {value!r}")
+    return value
+
+
 class Message(BaseModel):
     """Base of every NATS payload: versioned, strict and traceable by correlation id."""
 
@@ -67,6 +74,8 @@ class Message(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     correlation_id: CorrelationId
+
+    _check_version = field_validator("schema_version", mode="before")(_exact_version)
 
 
 class AgentState(StrEnum):
@@ -241,6 +250,8 @@ class AuditEvent(BaseModel):
     correlation_id: str | None = None
     reason_code: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+    _check_version = field_validator("schema_version", mode="before")(_exact_version)
 
     @property
     def subject(self) -> str:

@@ -103,7 +103,7 @@ def test_unknown_field_rejected(model: type[BaseModel], fields: dict[str, Any]) 
     assert error_fields(error) == ["privileged"]
 
 
-@pytest.mark.parametrize("version", [0, 2, "2", None])
+@pytest.mark.parametrize("version", [0, 2, "2", None, True, 1.0, "1"])
 def test_unknown_schema_version_rejected(version: Any) -> None:
     with pytest.raises(ValidationError) as error:
         StartAgentRequest.model_validate(start_request(schema_version=version))
