@@ -80,8 +80,18 @@ rm -f "$DEMO/api-keys"
 KEY=$("$BIN/agent-runner" keys create --file "$DEMO/api-keys" --id demo)
 echo "key id 'demo' written to $DEMO/api-keys (hashed)"
 
-say "starting the supervisor and the gateway (logs in $DEMO)"
+say "starting netguard, the supervisor and the gateway (logs in $DEMO)"
 API_PORT=$(free_port)
+"$BIN/agent-runner-netguard" >"$DEMO/netguard.log" 2>&1 &
+PIDS+=($!)
+for attempt in $(seq 1 100); do
+    grep -q '"netguard .* started"' "$DEMO/netguard.log" && break
+    if ((attempt == 100)); then
+        tail -n 20 "$DEMO/netguard.log" >&2
+        die "netguard did not apply the firewall within 20 s; see $DEMO/netguard.log"
+    fi
+    sleep 0.2
+done
 "$BIN/agent-runner-supervisor" >"$DEMO/supervisor.log" 2>&1 &
 PIDS+=($!)
 "$BIN/agent-runner-api" --api-keys-file "$DEMO/api-keys" --listen-port "$API_PORT" \
@@ -90,14 +100,15 @@ PIDS+=($!)
 API="http://127.0.0.1:$API_PORT"
 wait_for_http "$API/healthz" api
 for attempt in $(seq 1 100); do
-    grep -q '"supervisor .* started"' "$DEMO/supervisor.log" && break
+    grep -q '"firewall state of .* verified=True' "$DEMO/supervisor.log" && break
     if ((attempt == 100)); then
         tail -n 20 "$DEMO/supervisor.log" >&2
-        die "the supervisor did not start within 20 s; see $DEMO/supervisor.log"
+        die "the supervisor did not see a verified firewall within 20 s; see $DEMO/supervisor.log"
     fi
     sleep 0.2
 done
 echo "gateway: $API"
+echo "firewall: nftables tables 'inet agent_runner' and 'bridge agent_runner' applied and verified"
 
 say "POST /v1/agents?wait=true"
 AGENT=$(curl -fsS -X POST "$API/v1/agents?wait=true" -H "X-API-Key: $KEY" \
@@ -128,4 +139,4 @@ for line in sys.stdin:
           event.get("reason_code") or "", sep="  ")
 '
 
-say "done; stopping the gateway and the supervisor"
+say "done; stopping the gateway, the supervisor and netguard (which removes its tables)"

@@ -128,6 +128,7 @@ class AgentRecord(BaseModel):
     container_id: str | None = None
     host_address: str | None = None
     host_port: int | None = None
+    sandbox_address: str | None = None
     started_at: datetime | None = None
     ready_at: datetime | None = None
     expires_at: datetime | None = None
@@ -257,3 +258,64 @@ class AuditEvent(BaseModel):
     def subject(self) -> str:
         """Return the JetStream subject this event is published on."""
         return f"audit.{self.service}.{self.type}"
+
+
+def firewall_state_subject(host_id: str) -> str:
+    """Return the subject on which netguard publishes the firewall state of `host_id`."""
+    return f"netguard.v1.host.{host_id}.state"
+
+
+def firewall_agents_subject(host_id: str) -> str:
+    """Return the request subject that registers agents with netguard on `host_id`."""
+    return f"netguard.v1.host.{host_id}.agents"
+
+
+class FirewallState(Message):
+    """Netguard's latest check of the live ruleset, published every check interval.
+
+    `enabled` false means netguard runs with --disable-firewall; `verified` true means the
+    live tables equalled the expected ones at `checked_at`.
+    """
+
+    kind: Literal["firewall_state"] = "firewall_state"
+    host_id: HostId
+    enabled: bool
+    verified: bool
+    ruleset_hash: str | None
+    checked_at: datetime
+    check_interval: float
+    detail: str = ""
+
+
+DomainPattern = Annotated[
+    str,
+    StringConstraints(
+        max_length=253,
+        pattern=r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+    ),
+]
+
+
+class AgentNetworkPolicy(BaseModel):
+    """Network policy of one agent, keyed by its sandbox address."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    agent_id: AgentId
+    address: Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+    allowed_domains: list[DomainPattern] = Field(default_factory=list, max_length=256)
+
+
+class RegisterAgentRequest(Message):
+    """Add (`add` true) or remove an agent's address and policy at netguard."""
+
+    kind: Literal["register_agent"] = "register_agent"
+    add: bool
+    policy: AgentNetworkPolicy
+
+
+class RegisterAgentReply(Message):
+    """Netguard applied the registration; `agents` is how many it now holds."""
+
+    kind: Literal["register_agent_reply"] = "register_agent_reply"
+    agents: int

@@ -17,6 +17,7 @@ can check the whole lockdown without a daemon. What each option defends against:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
 from docker.types import LogConfig, Ulimit
@@ -46,6 +47,11 @@ class AgentContainer:
 def container_name(agent_id: str) -> str:
     """Return the Docker container name of an agent."""
     return f"agent-runner-{agent_id}"
+
+
+def sandbox_gateway(settings: SupervisorSettings) -> IPv4Address:
+    """Return the host's address on the sandbox bridge, the first of the subnet."""
+    return next(settings.sandbox_subnet.hosts())
 
 
 def tmpfs_options(settings: SupervisorSettings) -> str:
@@ -93,7 +99,14 @@ def create_arguments(
         ],
         # The agent's unprivileged user must bind port 80 without CAP_NET_BIND_SERVICE; this
         # sysctl is per network namespace and changes nothing on the host.
-        "sysctls": {"net.ipv4.ip_unprivileged_port_start": "0"},
+        # IPv6 is off inside the agent, so no address family escapes the IPv4 firewall rules.
+        "sysctls": {
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "net.ipv6.conf.all.disable_ipv6": "1",
+        },
+        # Docker's embedded resolver forwards to this address from inside the agent's network
+        # namespace, where netguard redirects port 53 to the proxy's DNS filter.
+        "dns": [str(sandbox_gateway(settings))],
         "ports": {AGENT_PORT: (str(settings.bind_address), None)},
         "network": settings.sandbox_network,
         # Docker's tini as PID 1 forwards SIGTERM and reaps zombies, which an agent's own

@@ -204,6 +204,25 @@ class DockerAdapter:
             )
         return str(bindings[0]["HostIp"]), int(bindings[0]["HostPort"])
 
+    def sandbox_address(self, container_id: str, network: str) -> str:
+        """Return the container's IPv4 address on `network`; raises AgentStartError if none."""
+        container = self._get(container_id)
+        networks = (container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        address = str((networks.get(network) or {}).get("IPAddress") or "")
+        if not address:
+            status = _status_of(container)
+            if not status.running:
+                raise AgentStartError(
+                    FailureReason.EXITED_BEFORE_READY,
+                    f"container {container_id[:12]} exited with code {status.exit_code} before "
+                    "answering HTTP on port 80",
+                )
+            raise AgentStartError(
+                FailureReason.START_FAILED,
+                f"container {container_id[:12]} has no address on network {network!r}",
+            )
+        return address
+
     def status(self, container_id: str) -> ContainerStatus | None:
         """Return the container's state, or None when it no longer exists."""
         try:

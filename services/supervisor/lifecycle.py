@@ -20,6 +20,7 @@ from libs.common import bus, logs
 from libs.common.audit import AuditPublisher
 from libs.common.messages import (
     FINAL_STATES,
+    AgentNetworkPolicy,
     AgentRecord,
     AgentState,
     AgentStateChanged,
@@ -41,6 +42,7 @@ from services.supervisor.errors import (
     FailureReason,
     ImageRejected,
 )
+from services.supervisor.firewall_gate import FirewallGate
 from services.supervisor.images import ImageStore
 from services.supervisor.settings import SupervisorSettings
 
@@ -68,6 +70,7 @@ class AgentManager:
         store: AgentStore,
         audit: AuditPublisher,
         nats: NatsClient,
+        firewall: FirewallGate,
         seccomp_profile: str,
     ) -> None:
         self.settings = settings
@@ -76,6 +79,7 @@ class AgentManager:
         self.store = store
         self.audit = audit
         self.nats = nats
+        self.firewall = firewall
         self._seccomp_profile = seccomp_profile
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._stop_requested: set[str] = set()
@@ -129,6 +133,24 @@ class AgentManager:
                 f"host {self.host_id} already runs {active} agents (--max-agents)",
             )
             return record
+        try:
+            tolerated = self.firewall.require_usable()
+        except AgentStartError as exc:
+            await self.fail(record, exc.reason, exc.message)
+            return record
+        if tolerated:
+            logger.warning(
+                "starting agent %s without a firewall (netguard runs with --disable-firewall)",
+                record.agent_id,
+                extra={logs.AGENT_ID: record.agent_id},
+            )
+            self.audit.emit(
+                "agent.unprotected_start",
+                outcome=Outcome.INFO,
+                actor=ACTOR,
+                agent_id=record.agent_id,
+                reason_code="firewall_disabled",
+            )
         record.host_id = self.host_id
         record.lifetime_seconds = min(record.lifetime_seconds, self.settings.max_container_lifetime)
         record.state = AgentState.PULLING
@@ -194,6 +216,14 @@ class AgentManager:
         record.container_id = await asyncio.to_thread(self.docker.create_and_start, arguments)
         record.host_address, record.host_port = await asyncio.to_thread(
             self.docker.published_port, record.container_id
+        )
+        record.sandbox_address = await asyncio.to_thread(
+            self.docker.sandbox_address, record.container_id, self.settings.sandbox_network
+        )
+        await self.firewall.register(
+            AgentNetworkPolicy(agent_id=record.agent_id, address=record.sandbox_address),
+            add=True,
+            correlation_id=record.correlation_id,
         )
         record.started_at = utc_now()
         record.expires_at = record.started_at + timedelta(seconds=record.lifetime_seconds)
@@ -362,6 +392,21 @@ class AgentManager:
         except DockerUnavailable as exc:
             logger.warning("cannot keep logs of %s: %s", record.agent_id, exc)
         await asyncio.to_thread(self.docker.remove, record.container_id)
+        if record.sandbox_address:
+            try:
+                await self.firewall.register(
+                    AgentNetworkPolicy(agent_id=record.agent_id, address=record.sandbox_address),
+                    add=False,
+                    correlation_id=record.correlation_id,
+                )
+            except AgentStartError as exc:
+                # Docker may hand the address to the next agent, which registers it anew.
+                logger.warning(
+                    "cannot unregister %s: %s",
+                    record.agent_id,
+                    exc.message,
+                    extra={logs.AGENT_ID: record.agent_id},
+                )
 
     async def read_container_logs(self, container_id: str, *, tail: int) -> list[LogLine]:
         """Return the last `tail` sanitised lines of a container's output."""

@@ -38,11 +38,12 @@ from libs.common.messages import (
     StopAgentRequest,
     host_subject,
 )
-from libs.common.settings import load_settings
+from libs.common.settings import Profile, load_settings
 from libs.common.store import AgentStore, connect_redis
 from services.supervisor.docker_adapter import DockerAdapter
 from services.supervisor.download import DownloadLimits
 from services.supervisor.errors import AgentStartError, SupervisorError
+from services.supervisor.firewall_gate import FirewallGate
 from services.supervisor.images import ImageStore
 from services.supervisor.lifecycle import AgentManager
 from services.supervisor.settings import SupervisorSettings
@@ -211,6 +212,13 @@ async def run(settings: SupervisorSettings) -> None:
     removed = images.remove_partial_downloads()
     if removed:
         logger.warning("removed %d partial downloads left by an earlier run", removed)
+    firewall = FirewallGate(
+        nats,
+        host_id=settings.host_id,
+        allow_disabled=settings.profile == Profile.DEVELOPMENT,
+        timeout=settings.firewall_registration_timeout,
+    )
+    await firewall.start()
     manager = AgentManager(
         settings,
         docker=docker,
@@ -218,6 +226,7 @@ async def run(settings: SupervisorSettings) -> None:
         store=store,
         audit=audit,
         nats=nats,
+        firewall=firewall,
         seccomp_profile=seccomp_profile,
     )
     audit.emit(
@@ -226,7 +235,6 @@ async def run(settings: SupervisorSettings) -> None:
         actor=SERVICE,
         details={"settings": settings.redacted(), "relaxed": list(settings.relaxed_settings())},
     )
-    # TODO: refuse starts until netguard publishes a fresh, verified firewall state.
     await reconcile(manager)
 
     handlers = Handlers(manager)
@@ -251,6 +259,7 @@ async def run(settings: SupervisorSettings) -> None:
         await subscription.unsubscribe()
     watcher.cancel()
     await manager.close()
+    await firewall.close()
     audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
     await audit.close()
     await nats.drain()

@@ -123,6 +123,9 @@ class SupervisorSettings(CommonSettings):
     monitor_interval: float = Field(
         1.0, gt=0, le=60, description="Seconds between checks of agent lifetimes and exits."
     )
+    firewall_registration_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds to wait for netguard to register an agent."
+    )
     log_max_line_length: int = Field(
         8192, ge=80, le=1_048_576, description="Characters kept of one agent log line."
     )

@@ -82,6 +82,8 @@ class Stack:
     network: str = "agent-runner-test"
     subnet: str = "172.29.0.0/24"
     bridge: str = "ar-test0"
+    netguard: bool = True
+    netguard_args: list[str] = field(default_factory=list)
     api_key: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -120,8 +122,32 @@ class Stack:
             text=True,
         ).stdout.strip()
         self.start_nats()
+        if self.netguard:
+            self.start_netguard()
         self.start_supervisor()
         self.start_api()
+
+    @property
+    def firewall_table(self) -> str:
+        """Name of this stack's nftables tables, unique like the host id."""
+        return "ar_" + self.host_id.replace("-", "_")
+
+    def start_netguard(self, extra: list[str] | None = None) -> None:
+        """Start netguard for this stack's bridge and wait until it applied its tables."""
+        offset = self._log("netguard").stat().st_size if self._log("netguard").exists() else 0
+        self._spawn(
+            "netguard",
+            "agent-runner-netguard",
+            [
+                f"--firewall-table={self.firewall_table}",
+                f"--sandbox-subnet={self.subnet}",
+                f"--sandbox-bridge={self.bridge}",
+                "--firewall-check-interval=1",
+                *self.netguard_args,
+                *(extra or []),
+            ],
+        )
+        self._wait_for_log("netguard", "started", timeout=30, offset=offset)
 
     def start_nats(self) -> None:
         """Start this stack's nats-server with JetStream and wait until it accepts clients."""
@@ -159,6 +185,9 @@ class Stack:
         offset = self._log("supervisor").stat().st_size if self._log("supervisor").exists() else 0
         self._spawn("supervisor", "agent-runner-supervisor", args)
         self._wait_for_log("supervisor", "started", timeout=60, offset=offset)
+        if "netguard" in self.processes:
+            # Agents start only once the supervisor has seen netguard's verified state.
+            self._wait_for_text("supervisor", "firewall state of", timeout=20, offset=offset)
 
     def start_api(self) -> None:
         """Start the gateway and wait until /healthz answers."""
@@ -192,9 +221,15 @@ class Stack:
 
     def close(self) -> None:
         """Stop every service and remove every container and the network of this stack."""
-        for name in ("api", "supervisor", "nats"):
+        for name in ("api", "supervisor", "netguard", "nats"):
             if name in self.processes:
                 self.stop_service(name)
+        for family in ("inet", "bridge"):
+            subprocess.run(
+                ["nft", "delete", "table", family, self.firewall_table],
+                capture_output=True,
+                check=False,
+            )
         client = docker.from_env()
         try:
             for container in client.containers.list(
@@ -238,8 +273,10 @@ class Stack:
             )
 
     def _wait_for_log(self, name: str, text: str, *, timeout: float, offset: int = 0) -> None:
+        self._wait_for_text(name, f"{name} {self.host_id} {text}", timeout=timeout, offset=offset)
+
+    def _wait_for_text(self, name: str, marker: str, *, timeout: float, offset: int = 0) -> None:
         deadline = time.monotonic() + timeout
-        marker = f"{name} {self.host_id} {text}"
         while time.monotonic() < deadline:
             self._check_alive(name)
             if marker in self.log_text(name)[offset:]:

@@ -81,7 +81,12 @@ def arguments() -> dict[str, Any]:
         pytest.param("runtime", "runsc", id="runtime"),
         pytest.param("restart_policy", {"Name": "no"}, id="no-restart"),
         pytest.param("environment", {"MODE": "test"}, id="environment"),
-        pytest.param("sysctls", {"net.ipv4.ip_unprivileged_port_start": "0"}, id="sysctls"),
+        pytest.param(
+            "sysctls",
+            {"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv6.conf.all.disable_ipv6": "1"},
+            id="sysctls",
+        ),
+        pytest.param("dns", ["172.30.0.1"], id="dns-is-sandbox-gateway"),
         pytest.param(
             "log_config",
             LogConfig(
@@ -120,7 +125,6 @@ def test_create_argument(arguments: dict[str, Any], option: str, expected: Any) 
         "network_mode",
         "publish_all_ports",
         "extra_hosts",
-        "dns",
     ],
 )
 def test_dangerous_option_absent(arguments: dict[str, Any], option: str) -> None:

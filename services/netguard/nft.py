@@ -1,0 +1,68 @@
+"""nftables access through libnftables' JSON API (Debian's python3-nftables).
+
+Errors of the library become FirewallError here, naming the command and the kernel's
+message, because netguard must fail closed and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class FirewallError(Exception):
+    """An nftables command failed; the firewall may not be in place."""
+
+
+class Nft:
+    """A libnftables context with JSON input and output."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # noqa: PLC0415 - Debian package, imported only where used
+        except ImportError as exc:
+            raise FirewallError(
+                "cannot import nftables; install Debian's python3-nftables and create the "
+                "venv with --system-site-packages (scripts/deps.sh does both)"
+            ) from exc
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(True)
+
+    def run(self, batch: dict[str, Any]) -> None:
+        """Apply a JSON batch as one transaction; raises FirewallError when it is rejected."""
+        rc, _, error = self._nft.json_cmd(batch)
+        if rc != 0:
+            raise FirewallError(f"nftables rejected the batch: {error.strip() or rc}")
+
+    def list_table(self, family: str, table: str) -> list[dict[str, Any]] | None:
+        """Return the JSON items of a table, or None when it does not exist."""
+        rc, output, error = self._nft.cmd(f"list table {family} {table}")
+        if rc != 0:
+            if "No such file or directory" in error:
+                return None
+            raise FirewallError(f"cannot list table {family} {table}: {error.strip()}")
+        items: list[dict[str, Any]] = json.loads(output)["nftables"]
+        return items
+
+    def set_elements(self, family: str, table: str, name: str) -> list[str]:
+        """Return the elements of a set as strings."""
+        rc, output, error = self._nft.cmd(f"list set {family} {table} {name}")
+        if rc != 0:
+            raise FirewallError(f"cannot list set {family} {table} {name}: {error.strip()}")
+        for item in json.loads(output)["nftables"]:
+            if "set" in item:
+                return [str(element) for element in item["set"].get("elem", [])]
+        return []
+
+
+def route_localnet_values() -> dict[str, str]:
+    """Return `net.ipv4.conf.*.route_localnet` for every interface that has it."""
+    values = {}
+    for path in sorted(Path("/proc/sys/net/ipv4/conf").glob("*/route_localnet")):
+        values[path.parent.name] = path.read_text().strip()
+    return values
