@@ -8,13 +8,14 @@ Two tables of our own, both named `agent_runner`, replaced whole in one transact
   - `guard_prerouting` (filter, priority raw = -300): drops packets for 127.0.0.0/8 and ::1
     arriving on any interface but `lo`, before Docker's DNAT (dstnat = -100) could map them
     to a published agent port.
-  - `redirect` (nat, priority dstnat - 10 = -110): sends TCP 80/443 of registered agents to
+  - `redirect_to_proxy` (nat, priority dstnat - 10 = -110): sends TCP 80/443 of registered agents to
     the proxy's transparent port and UDP/TCP 53 to its DNS port, before Docker's nat chain,
     which returns for traffic from user-defined bridges anyway.
   - `guard_input` (filter, priority filter - 10 = -10): from the bridge, only replies of
-    connections the host opened and new connections to the three proxy ports on the gateway
-    address are accepted; everything else aimed at any local address is dropped, whatever
-    Docker's INPUT chain would do later. An accept here is not final, a drop is.
+    connections the host opened, connections to the explicit proxy port on the gateway
+    address, and connections the redirect sent to the transparent or DNS port are accepted;
+    everything else aimed at any local address is dropped, whatever Docker's INPUT chain
+    would do later. An accept here is not final, a drop is.
   - `guard_forward` (filter, priority filter - 10): every routed packet from or to the
     sandbox bridge is dropped, so agents reach no other network, link-local or metadata
     address, and no neighbour reaches an agent through the bridge or a Docker DNAT.
@@ -98,7 +99,7 @@ ACCEPT: Expression = {"accept": None}
 
 CHAINS = (
     Chain(family="inet", name="guard_prerouting", type="filter", hook="prerouting", priority=-300),
-    Chain(family="inet", name="redirect", type="nat", hook="prerouting", priority=-110),
+    Chain(family="inet", name="redirect_to_proxy", type="nat", hook="prerouting", priority=-110),
     Chain(family="inet", name="guard_input", type="filter", hook="input", priority=-10),
     Chain(family="inet", name="guard_forward", type="filter", hook="forward", priority=-10),
     Chain(family="bridge", name="guard_forward", type="filter", hook="forward", priority=-10),
@@ -111,6 +112,12 @@ def rules(config: RulesetConfig) -> list[Rule]:
     registered = _match(_field("ip", "saddr"), f"@{AGENT_SET}")
     to_gateway = _match(_field("ip", "daddr"), str(config.gateway))
     subnet = _prefix(config.subnet)
+    # Traffic between agents is bridged, but with bridge-nf-call-iptables set it passes these
+    # chains too; excluding the subnet leaves it to the bridge table's drop.
+    not_to_sandbox = _match(_field("ip", "daddr"), subnet, "!=")
+    # The transparent and DNS ports take only what the redirect sent there; a direct
+    # connection would make the proxy's original destination the proxy itself.
+    redirected = _match({"ct": {"key": "status"}}, "dnat", "in")
 
     def rule(family: str, chain: str, name: str, *expr: Expression) -> Rule:
         # The last expression is the verdict or NAT statement; the counter goes before it.
@@ -135,28 +142,31 @@ def rules(config: RulesetConfig) -> list[Rule]:
         ),
         rule(
             "inet",
-            "redirect",
+            "redirect_to_proxy",
             "redirect-http",
             from_bridge,
             registered,
+            not_to_sandbox,
             _match(_field("tcp", "dport"), {"set": [80, 443]}),
             {"redirect": {"port": config.transparent_port}},
         ),
         rule(
             "inet",
-            "redirect",
+            "redirect_to_proxy",
             "redirect-dns-udp",
             from_bridge,
             registered,
+            not_to_sandbox,
             _match(_field("udp", "dport"), 53),
             {"redirect": {"port": config.dns_port}},
         ),
         rule(
             "inet",
-            "redirect",
+            "redirect_to_proxy",
             "redirect-dns-tcp",
             from_bridge,
             registered,
+            not_to_sandbox,
             _match(_field("tcp", "dport"), 53),
             {"redirect": {"port": config.dns_port}},
         ),
@@ -172,22 +182,33 @@ def rules(config: RulesetConfig) -> list[Rule]:
         rule(
             "inet",
             "guard_input",
-            "to-proxy-tcp",
+            "to-proxy-explicit",
             from_bridge,
             registered,
             to_gateway,
+            _match(_field("tcp", "dport"), config.explicit_port),
+            ACCEPT,
+        ),
+        rule(
+            "inet",
+            "guard_input",
+            "to-proxy-redirected-tcp",
+            from_bridge,
+            registered,
+            redirected,
+            to_gateway,
             _match(
-                _field("tcp", "dport"),
-                {"set": sorted({config.transparent_port, config.dns_port, config.explicit_port})},
+                _field("tcp", "dport"), {"set": sorted({config.transparent_port, config.dns_port})}
             ),
             ACCEPT,
         ),
         rule(
             "inet",
             "guard_input",
-            "to-proxy-dns-udp",
+            "to-proxy-redirected-udp",
             from_bridge,
             registered,
+            redirected,
             to_gateway,
             _match(_field("udp", "dport"), config.dns_port),
             ACCEPT,

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LISTENER_SCRIPT = Path(__file__).with_name("fakenet_listeners.py")
 
@@ -48,11 +49,11 @@ FAKE_NETWORKS = (
 
 FAKE_HOST_TCP_PORTS = (22, 53, 80, 443, 853, 5353)
 FAKE_HOST_UDP_PORTS = (53, 443, 9999)
-# What the fake resolver on the fake host answers for any *.test name.
+# Address that the fake resolver on the fake host returns for any *.test name.
 FAKE_RESOLVER_ANSWER = FAKE_HOST
 
-# What the fake proxy's DNS port answers for any *.test name: an address of the fake network
-# that differs from the fake resolver's answer, so a client's output shows who answered.
+# Address that the fake proxy's DNS port returns for any *.test name. It differs from the fake
+# resolver's, so a client's output shows which server replied.
 FAKE_PROXY_DNS_ANSWER = "203.0.113.53"
 PROXY_TRANSPARENT_PORT = 15001
 PROXY_EXPLICIT_PORT = 15080
@@ -147,10 +148,21 @@ class ListenerProcess:
             self.process.kill()
             self.process.wait(timeout=5)
 
-    def _records(self) -> list[dict[str, object]]:
+    def _records(self) -> list[dict[str, Any]]:
         # The last line may still be half written; only whole lines count.
         text = self.log.read_text(errors="replace")
         return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+# Exits 0 when a TCP connection to argv[1]:argv[2] opens within 2 s, else prints why and exits 1.
+CONNECT_SCRIPT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+except OSError as exc:
+    print(repr(exc))
+    sys.exit(1)
+"""
 
 
 @dataclass(frozen=True)
@@ -159,7 +171,44 @@ class FakeInternet:
 
     namespace: str
     host_interface: str
+    peer_interface: str
     listener: ListenerProcess
+
+    def route_loopback_to_host(self) -> None:
+        """Send the fake host's packets for 127.0.0.0/8 to the host through the veth.
+
+        This is how a neighbour on another interface would aim at services that the host
+        publishes on loopback. Only routes and sysctls inside the namespace change, and the
+        listeners never use loopback.
+        """
+        inside = ("-n", self.namespace)
+        _ip(*inside, "route", "delete", "table", "local", "local", "127.0.0.0/8", "dev", "lo")
+        _ip(*inside, "route", "delete", "table", "local", "local", "127.0.0.1", "dev", "lo")
+        _ip(*inside, "route", "add", "127.0.0.0/8", "via", HOST_ADDRESS)
+        # Without route_localnet the namespace would neither send to 127.0.0.0/8 through the
+        # veth nor accept replies from there. A reply from 127.0.0.1, which lo still holds,
+        # would also count as a martian source without accept_local.
+        settings = [
+            f"net.ipv4.conf.{interface}.route_localnet=1"
+            for interface in ("all", self.peer_interface)
+        ]
+        settings.append(f"net.ipv4.conf.{self.peer_interface}.accept_local=1")
+        for setting in settings:
+            _run("ip", "netns", "exec", self.namespace, "sysctl", "-q", "-w", setting)
+
+    def connects_to(self, address: str, port: int) -> bool:
+        """Return whether the fake host opens a TCP connection to address:port within 2 s.
+
+        The connection is routed through the host, as one from an outside network would be.
+        """
+        command = ["ip", "netns", "exec", self.namespace, sys.executable, "-I", "-c"]
+        result = subprocess.run(
+            [*command, CONNECT_SCRIPT, address, str(port)],
+            capture_output=True,
+            check=False,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+        )
+        return result.returncode == 0
 
 
 @contextlib.contextmanager
@@ -236,9 +285,9 @@ def host_listeners(workdir: Path, *, tcp_ports: tuple[int, ...]) -> Iterator[Lis
 def fake_internet(workdir: Path) -> Iterator[FakeInternet]:
     """Create the fake internet host with listeners; remove all of it on exit.
 
-    Raises FakeNetError when an address of the fake network is already on this host (another
-    fake internet, or one left behind by a killed run) or when a route does not lead into the
-    veth pair, since a probe could then leave the machine.
+    Raises FakeNetError when an address of the fake network is already on this host, because
+    another fake internet runs or a killed run left one behind. Also raises it when a route does
+    not lead into the veth pair, since a probe could then leave the machine.
     """
     _check_addresses_unused()
     name = f"ar-t-{secrets.token_hex(4)}"
@@ -293,7 +342,12 @@ def fake_internet(workdir: Path) -> Iterator[FakeInternet]:
                 namespace=name,
             )
         )
-        yield FakeInternet(namespace=name, host_interface=host_interface, listener=listener)
+        yield FakeInternet(
+            namespace=name,
+            host_interface=host_interface,
+            peer_interface=peer_interface,
+            listener=listener,
+        )
 
 
 def host_ipv4_addresses() -> dict[str, str]:
@@ -305,6 +359,12 @@ def host_ipv4_addresses() -> dict[str, str]:
         for info in link.get("addr_info", [])
         if not ipaddress.ip_address(info["local"]).is_loopback
     }
+
+
+def default_route_interface() -> str | None:
+    """Return the interface of the host's IPv4 default route, or None without one."""
+    routes = json.loads(_ip("-j", "-4", "route", "show", "default"))
+    return str(routes[0]["dev"]) if routes else None
 
 
 def route_type(address: str) -> tuple[str, str]:
@@ -339,26 +399,30 @@ def _check_route(address: str, interface: str) -> None:
 
 
 def _ip(*args: str) -> str:
+    return _run("ip", *args)
+
+
+def _run(*command: str) -> str:
     try:
         result = subprocess.run(
-            ["ip", *args],
+            command,
             check=True,
             capture_output=True,
             text=True,
             timeout=COMMAND_TIMEOUT_SECONDS,
         )
     except subprocess.CalledProcessError as exc:
-        raise FakeNetError(f"ip {' '.join(args)} failed: {exc.stderr.strip()}") from exc
+        raise FakeNetError(f"{' '.join(command)} failed: {exc.stderr.strip()}") from exc
     return result.stdout
 
 
 def _ip_if_exists(interface: str, *args: str) -> None:
     # A veth pair disappears with its namespace's end, so it may be gone already.
-    shown = subprocess.run(
+    existing = subprocess.run(
         ["ip", "link", "show", interface],
         capture_output=True,
         check=False,
         timeout=COMMAND_TIMEOUT_SECONDS,
     )
-    if shown.returncode == 0:
+    if existing.returncode == 0:
         _ip(*args)

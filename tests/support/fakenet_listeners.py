@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-# Linux values from <linux/in.h> and <linux/netfilter_ipv4.h>; Python 3.11's socket module
-# defines neither.
+# Linux values from <linux/in.h> and <linux/netfilter_ipv4.h>, which Python 3.11's socket
+# module does not define.
 IP_PKTINFO = 8
 SO_ORIGINAL_DST = 80
 
@@ -63,12 +63,12 @@ def plain_address(address: str) -> str:
     return str(parsed)
 
 
-def shown_bytes(data: bytes) -> str:
+def printable(data: bytes) -> str:
     return data[:LOGGED_BYTES].decode("latin-1").encode("unicode_escape").decode("ascii")
 
 
 def parse_dns_question(packet: bytes) -> tuple[int, int, str, int, int] | None:
-    """Return (id, flags, name, qtype, end of question) of a DNS query, or None if it is none."""
+    """Return (id, flags, name, qtype, end of question) of a DNS query, or None for other data."""
     if len(packet) < DNS_HEADER.size:
         return None
     query_id, flags, questions, _, _, _ = DNS_HEADER.unpack_from(packet)
@@ -100,8 +100,8 @@ def dns_reply(packet: bytes, answer: str) -> tuple[bytes, str] | None:
         return None
     query_id, flags, name, qtype, end = question
 
-    # Response, same opcode and RD bit, RA set. Names under .test exist, everything else
-    # is NXDOMAIN; a .test name has an A record only, so other types get an empty answer.
+    # Response with the query's opcode and RD bit, and RA set. Names under .test exist and all
+    # others are NXDOMAIN. A .test name has an A record only, so other types get no records.
     reply_flags = 0x8080 | (flags & 0x7900)
     answers = b""
     if not name.lower().rstrip(".").endswith(DNS_SUFFIX):
@@ -155,7 +155,7 @@ def handle_tcp(connection: socket.socket, peer: Any, log: HitLog, dns: bool, ans
             peer=plain_address(peer[0]),
             peer_port=peer[1],
             original_dst=original,
-            data=shown_bytes(data),
+            data=printable(data),
             dns_name=reply[1] if reply else None,
         )
 
@@ -187,11 +187,11 @@ def serve_udp(sock: socket.socket, log: HitLog, *, port: int, answer: str) -> No
             peer=plain_address(peer[0]),
             peer_port=peer[1],
             original_dst=None,
-            data=shown_bytes(data),
+            data=printable(data),
             dns_name=reply[1] if reply else None,
         )
 
-        # Answer from the address the datagram was sent to: with several addresses on one
+        # Reply from the address the datagram was sent to. With several addresses on one
         # interface, the kernel would otherwise pick a source the client does not expect.
         payload = reply[0] if reply else marker(log.role, port, None)
         ancillary_out = []
@@ -279,7 +279,7 @@ def main() -> None:
         thread.start()
     log.write("ready", pid=os.getpid())
 
-    # The parent ends this process with SIGTERM; the listener threads never return.
+    # The listener threads never return, so this process runs until the parent sends SIGTERM.
     for thread in threads:
         thread.join()
 
