@@ -35,6 +35,7 @@ from libs.common.messages import (
 )
 from libs.common.settings import load_settings
 from libs.common.store import connect_redis
+from services.netguard import metrics
 from services.netguard.firewall import CheckResult, Firewall
 from services.netguard.nft import FirewallError, Nft
 from services.netguard.registry import AgentRegistry
@@ -66,7 +67,15 @@ class Netguard:
         self._lock = asyncio.Lock()
 
     async def publish(self, result: CheckResult | None, *, detail: str = "") -> None:
-        """Publish the firewall state; a disabled firewall is never 'verified'."""
+        """Publish the firewall state and export it as metrics; disabled is never 'verified'."""
+        metrics.FIREWALL_ENABLED.set(1 if self.firewall is not None else 0)
+        metrics.FIREWALL_VERIFIED.set(1 if result and result.verified else 0)
+        if self.firewall is not None:
+            metrics.FIREWALL_AGENTS.set(len(self.firewall.agents))
+            try:
+                metrics.record_counters(await asyncio.to_thread(self.firewall.counters))
+            except FirewallError as exc:
+                logger.warning("cannot read rule counters: %s", exc)
         state = FirewallState(
             correlation_id=f"netguard-{self.settings.host_id}",
             host_id=self.settings.host_id,
@@ -92,6 +101,7 @@ class Netguard:
             if result.verified:
                 return result
             logger.warning("firewall drift: %s; applying the ruleset again", result.drift)
+            metrics.FIREWALL_DRIFT.inc()
             self.audit.emit(
                 "firewall.drift",
                 outcome=AuditOutcome.FAILURE,
@@ -170,6 +180,11 @@ async def run(settings: NetguardSettings) -> None:
     )
     audit.start()
     registry = AgentRegistry(connect_redis(settings), host_id=settings.host_id)
+    if settings.metrics_port:
+        metrics.serve(str(settings.metrics_address), settings.metrics_port)
+        logger.info(
+            "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+        )
     audit.emit(
         "service.started",
         outcome=AuditOutcome.INFO,

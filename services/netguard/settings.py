@@ -52,6 +52,14 @@ class NetguardSettings(CommonSettings):
         le=65535,
         description="Explicit HTTP proxy port that agents may connect to directly.",
     )
+    metrics_address: IPv4Address = Field(
+        IPv4Address("127.0.0.1"),
+        description="Address of netguard's Prometheus metrics (firewall state, drift, packets "
+        "per rule). Keep it internal: the metrics show what agents attempt.",
+    )
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Port of netguard's metrics; 0 turns them off."
+    )
     firewall_check_interval: float = Field(
         5.0,
         gt=0,

@@ -17,11 +17,12 @@ import pytest
 
 from services.netguard.ruleset import RulesetConfig, rules
 from tests.integration.conftest import Tarball
-from tests.support.stack import VENV_BIN, Stack, running_stack, wait_for_state
+from tests.support.stack import VENV_BIN, Stack, free_port, running_stack, wait_for_state
 
 pytestmark = pytest.mark.integration
 
 SUBNET = "172.29.5.0/24"
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         network="agent-runner-ng",
         subnet=SUBNET,
         bridge="ar-ng0",
+        netguard_args=[f"--metrics-port={METRICS_PORT}"],
         supervisor_args=["--agent-start-timeout=10", "--agent-stop-grace=2"],
     ) as stack:
         yield stack
@@ -309,3 +311,20 @@ def test_ready_agent_keeps_running_after_netguard_restart(
     assert client.get(f"/v1/agents/{agent['agent_id']}/http/").status_code == 200
     client.delete(f"/v1/agents/{agent['agent_id']}")
     wait_for_state(client, agent["agent_id"], {"stopped"}, timeout=30)
+
+
+def test_metrics_show_firewall_state(guarded: Stack) -> None:
+    def metrics() -> str:
+        return httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+
+    wait_until(
+        lambda: "agent_runner_firewall_verified 1.0" in metrics(),
+        timeout=10,
+        message="metrics never showed a verified firewall",
+    )
+    text = metrics()
+    assert "agent_runner_firewall_enabled 1.0" in text
+    assert 'agent_runner_firewall_rule_packets{rule="inet/agent-runner:sandbox-to-host-drop"}' in (
+        text
+    )
+    assert "agent_runner_firewall_drift_total" in text

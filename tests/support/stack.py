@@ -143,6 +143,7 @@ class Stack:
                 f"--sandbox-subnet={self.subnet}",
                 f"--sandbox-bridge={self.bridge}",
                 "--firewall-check-interval=1",
+                "--metrics-port=0",
                 *self.netguard_args,
                 *(extra or []),
             ],
