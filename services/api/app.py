@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from starlette.responses import JSONResponse
 
 from libs.common import bus
 from libs.common.audit import AuditPublisher
@@ -17,7 +18,8 @@ from services.api.auth import KeyRing
 from services.api.errors import install_error_handlers
 from services.api.middleware import RequestContextMiddleware
 from services.api.passthrough import Forwarder
-from services.api.routes import Services, require_api_key, router
+from services.api.readiness import FirewallStates, Readiness, readiness, redis_answers
+from services.api.routes import Services, require_api_key, router, services_of
 from services.api.schemas import Health
 from services.api.settings import ApiSettings
 
@@ -38,6 +40,9 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         audit.start()
         store = AgentStore(connect_redis(settings))
         await store.ping()
+        firewall = FirewallStates()
+        await firewall.follow(nats)
+        app.state.firewall = firewall
         forwarder = Forwarder(
             timeout=settings.request_timeout,
             max_response=int(settings.max_passthrough_response),
@@ -98,6 +103,22 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
     async def healthz() -> Health:
         """Liveness check; needs no key and reveals nothing else."""
         return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness}},
+        tags=["health"],
+        dependencies=[Depends(require_api_key)],
+    )
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: NATS, Redis and each host's firewall state; needs a key."""
+        services = services_of(request)
+        return await readiness(
+            nats=services.nats,
+            redis_ok=await redis_answers(services.store.ping()),
+            firewall=request.app.state.firewall,
+        )
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi() -> dict[str, Any]:

@@ -229,6 +229,9 @@ def test_clean_stop_removes_tables_and_blocks_starts(
     assert table("inet", guarded.firewall_table) is None
     assert table("bridge", guarded.firewall_table) is None
     time.sleep(4)  # the last state goes stale after three 1 s check intervals
+    readiness = client.get("/readyz")
+    assert readiness.status_code == 503
+    assert readiness.json()["firewall"][guarded.host_id] in {"stale", "unverified"}
 
     try:
         refused = start_agent(client, echo_tarball)
@@ -328,3 +331,12 @@ def test_metrics_show_firewall_state(guarded: Stack) -> None:
         text
     )
     assert "agent_runner_firewall_drift_total" in text
+
+
+def test_readiness_shows_verified_firewall(guarded: Stack, client: httpx.Client) -> None:
+    readiness = client.get("/readyz")
+
+    assert readiness.status_code == 200, readiness.text
+    assert readiness.json()["status"] == "ready"
+    assert readiness.json()["firewall"][guarded.host_id] == "verified"
+    assert httpx.get(f"{guarded.api_url}/readyz", timeout=5).status_code == 401
