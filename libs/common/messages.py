@@ -22,9 +22,17 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -282,8 +290,8 @@ class FirewallState(Message):
     enabled: bool
     verified: bool
     ruleset_hash: str | None
-    checked_at: datetime
-    check_interval: float
+    checked_at: AwareDatetime
+    check_interval: float = Field(gt=0, le=300, allow_inf_nan=False)
     detail: str = ""
 
 
@@ -302,8 +310,21 @@ class AgentNetworkPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     agent_id: AgentId
-    address: Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]
+    address: str
     allowed_domains: list[DomainPattern] = Field(default_factory=list, max_length=256)
+
+    @field_validator("address")
+    @classmethod
+    def _canonical_ipv4(cls, value: str) -> str:
+        # Only the canonical dotted form: nft would read "010.0.0.1" as octal, and a set
+        # element that differs from the registry looks like drift forever.
+        try:
+            canonical = str(IPv4Address(value))
+        except ValueError as exc:
+            raise ValueError(f"address {value!r} is not an IPv4 address") from exc
+        if canonical != value:
+            raise ValueError(f"address {value!r} is not in canonical form; use {canonical!r}")
+        return value
 
 
 class RegisterAgentRequest(Message):

@@ -9,13 +9,18 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from libs.common.messages import (
+    AgentNetworkPolicy,
     AgentRecord,
     AuditEvent,
     AuditOutcome,
+    FirewallState,
     LogLine,
     LogsRequest,
+    RegisterAgentRequest,
     StartAgentRequest,
     StopAgentRequest,
+    firewall_agents_subject,
+    firewall_state_subject,
     host_subject,
     new_agent_id,
     state_subject,
@@ -294,3 +299,185 @@ def test_host_subject() -> None:
 
 def test_state_subject() -> None:
     assert state_subject(AGENT_ID) == f"agents.v1.state.{AGENT_ID}"
+
+
+def network_policy(**fields: Any) -> dict[str, Any]:
+    """Return the fields of a valid AgentNetworkPolicy, updated with `fields`."""
+    return {"agent_id": AGENT_ID, "address": "172.30.0.2", **fields}
+
+
+def firewall_state(**fields: Any) -> dict[str, Any]:
+    """Return the fields of a valid FirewallState, updated with `fields`."""
+    return {
+        "correlation_id": "netguard-host-1",
+        "host_id": "host-1",
+        "enabled": True,
+        "verified": True,
+        "ruleset_hash": "sha256:" + "a" * 64,
+        "checked_at": "2026-01-01T00:00:00Z",
+        "check_interval": 5.0,
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        pytest.param("example.test", id="plain"),
+        pytest.param("*.example.test", id="wildcard"),
+        pytest.param("test", id="single-label"),
+        pytest.param("a-b.example.test", id="inner-dash"),
+        pytest.param("xn--bcher-kva.test", id="punycode"),
+        pytest.param("0.example.test", id="digit-label"),
+        pytest.param("a" * 63 + ".test", id="label-63"),
+        pytest.param(".".join(["a" * 62] * 4), id="name-251"),
+    ],
+)
+def test_valid_domain_pattern_accepted(domain: str) -> None:
+    policy = AgentNetworkPolicy.model_validate(network_policy(allowed_domains=[domain]))
+
+    assert policy.allowed_domains == [domain]
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        pytest.param("Example.test", id="upper-case"),
+        pytest.param("example.test.", id="trailing-dot"),
+        pytest.param(".example.test", id="leading-dot"),
+        pytest.param("example..test", id="empty-label"),
+        pytest.param("*example.test", id="wildcard-without-dot"),
+        pytest.param("*", id="wildcard-alone"),
+        pytest.param("*.*.example.test", id="double-wildcard"),
+        pytest.param("www.*.example.test", id="inner-wildcard"),
+        pytest.param("a" * 64 + ".test", id="label-64"),
+        pytest.param(".".join(["a" * 63] * 4), id="name-255"),
+        pytest.param("-a.test", id="leading-dash"),
+        pytest.param("a-.test", id="trailing-dash"),
+        pytest.param("exam_ple.test", id="underscore"),
+        pytest.param("bücher.test", id="unicode"),
+        pytest.param("example.test\n", id="trailing-newline"),
+        pytest.param("example.test:443", id="port"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_invalid_domain_pattern_rejected(domain: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        AgentNetworkPolicy.model_validate(network_policy(allowed_domains=[domain]))
+
+    assert error_fields(error) == ["allowed_domains"]
+
+
+def test_too_many_domain_patterns_rejected() -> None:
+    domains = [f"d{index}.test" for index in range(257)]
+
+    with pytest.raises(ValidationError) as error:
+        AgentNetworkPolicy.model_validate(network_policy(allowed_domains=domains))
+
+    assert error_fields(error) == ["allowed_domains"]
+
+
+@pytest.mark.parametrize("address", ["172.30.0.2", "10.0.0.1", "192.168.255.254"])
+def test_valid_policy_address_accepted(address: str) -> None:
+    policy = AgentNetworkPolicy.model_validate(network_policy(address=address))
+
+    assert policy.address == address
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("10.0.0", id="three-parts"),
+        pytest.param("10.0.0.1.2", id="five-parts"),
+        pytest.param("10.0.0.1/32", id="prefix"),
+        pytest.param("::1", id="ipv6"),
+        pytest.param("10.0.0.1\n", id="trailing-newline"),
+        pytest.param(" 10.0.0.1", id="leading-space"),
+        pytest.param("a.b.c.d", id="letters"),
+        pytest.param("localhost", id="host-name"),
+        pytest.param("1000.0.0.1", id="four-digit-octet"),
+    ],
+)
+def test_invalid_policy_address_rejected(address: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        AgentNetworkPolicy.model_validate(network_policy(address=address))
+
+    assert error_fields(error) == ["address"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        pytest.param("999.1.1.1", id="octet-above-255"),
+        pytest.param("010.0.0.1", id="leading-zero"),
+        pytest.param("\u0661\u0660.0.0.1", id="arabic-indic-digits"),
+    ],
+)
+def test_non_ipv4_policy_address_rejected(address: str) -> None:
+    with pytest.raises(ValidationError):
+        AgentNetworkPolicy.model_validate(network_policy(address=address))
+
+
+def test_policy_unknown_field_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        AgentNetworkPolicy.model_validate(network_policy(allow_all=True))
+
+    assert error_fields(error) == ["allow_all"]
+
+
+def test_register_request_round_trips_json() -> None:
+    request = RegisterAgentRequest.model_validate(
+        {
+            "correlation_id": "c",
+            "add": True,
+            "policy": network_policy(allowed_domains=["*.example.test"]),
+        }
+    )
+
+    decoded = RegisterAgentRequest.model_validate_json(request.model_dump_json())
+
+    assert decoded == request
+    assert decoded.kind == "register_agent"
+
+
+def test_register_request_invalid_policy_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        RegisterAgentRequest.model_validate(
+            {"correlation_id": "c", "add": True, "policy": network_policy(agent_id="ag-1")}
+        )
+
+    assert error_fields(error) == ["policy"]
+
+
+def test_firewall_state_round_trips_json() -> None:
+    state = FirewallState.model_validate(firewall_state(detail="ok"))
+
+    assert FirewallState.model_validate_json(state.model_dump_json()) == state
+
+
+def test_firewall_state_unknown_field_rejected() -> None:
+    with pytest.raises(ValidationError) as error:
+        FirewallState.model_validate(firewall_state(trusted=True))
+
+    assert error_fields(error) == ["trusted"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"check_interval": float("nan")}, id="nan-interval"),
+        pytest.param({"check_interval": float("inf")}, id="infinite-interval"),
+        pytest.param({"check_interval": 0}, id="zero-interval"),
+        pytest.param({"check_interval": 1e9}, id="huge-interval"),
+        pytest.param({"checked_at": "2026-01-01T00:00:00"}, id="naive-time"),
+    ],
+)
+def test_firewall_state_bad_timing_rejected(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        FirewallState.model_validate(firewall_state(**fields))
+
+
+def test_firewall_subjects() -> None:
+    assert firewall_state_subject("host-1") == "netguard.v1.host.host-1.state"
+    assert firewall_agents_subject("host-1") == "netguard.v1.host.host-1.agents"
