@@ -158,13 +158,18 @@ def echo_image(client: docker.DockerClient, folder: Path) -> Iterator[EchoImage]
 
 @contextlib.contextmanager
 def bench_stack(
-    client: docker.DockerClient, folder: Path, args: argparse.Namespace
+    client: docker.DockerClient,
+    folder: Path,
+    args: argparse.Namespace,
+    *,
+    netguard_args: list[str] | None = None,
 ) -> Iterator[Stack]:
-    """Run a gateway, a supervisor and a nats-server on the benchmark's own sandbox network.
+    """Run a gateway, a supervisor, netguard and a nats-server on the benchmark's own network.
 
-    Raises RuntimeError when the network exists already, because the stack removes its
-    network when it stops and must not take one that another run is using. On an error, the
-    last lines of the services' logs are printed before the stack is removed.
+    `netguard_args` are extra command-line flags for netguard. Raises RuntimeError when the
+    network exists already, because the stack removes its network when it stops and must not
+    take one that another run is using. On an error, the last lines of the services' logs are
+    printed before the stack is removed.
     """
     if any(net.name == args.sandbox_network for net in client.networks.list()):
         raise RuntimeError(
@@ -179,6 +184,7 @@ def bench_stack(
         network=args.sandbox_network,
         subnet=args.sandbox_subnet,
         bridge=args.sandbox_bridge,
+        netguard_args=list(netguard_args or []),
     ) as stack:
         try:
             yield stack
@@ -188,7 +194,7 @@ def bench_stack(
 
 
 def _print_log_tails(stack: Stack) -> None:
-    for name in ("supervisor", "api"):
+    for name in ("supervisor", "netguard", "api"):
         with contextlib.suppress(OSError):
             lines = stack.log_text(name).splitlines()[-LOG_TAIL_LINES:]
             print(f"--- last lines of the {name} log ---", file=sys.stderr)

@@ -379,6 +379,9 @@ def describe_drift(expected: dict[str, Any], live: dict[str, Any]) -> dict[str, 
     def chain_names(form: dict[str, Any]) -> set[str]:
         return {f"{c['family']}/{c['name']}" for c in form["chains"]}
 
+    def chains(form: dict[str, Any]) -> dict[str, Any]:
+        return {f"{c['family']}/{c['name']}": c for c in form["chains"]}
+
     def rule_keys(form: dict[str, Any]) -> dict[str, Any]:
         return {f"{r['family']}/{r['chain']}/{r['comment']}": r["expr"] for r in form["rules"]}
 
@@ -386,6 +389,11 @@ def describe_drift(expected: dict[str, Any], live: dict[str, Any]) -> dict[str, 
     return {
         "missing_chains": sorted(chain_names(expected) - chain_names(live)),
         "unexpected_chains": sorted(chain_names(live) - chain_names(expected)),
+        "changed_chains": sorted(
+            key
+            for key in chain_names(expected) & chain_names(live)
+            if chains(expected)[key] != chains(live)[key]
+        ),
         "missing_rules": sorted(set(expected_rules) - set(live_rules)),
         "unexpected_rules": sorted(set(live_rules) - set(expected_rules)),
         "changed_rules": sorted(

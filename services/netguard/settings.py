@@ -77,9 +77,13 @@ class NetguardSettings(CommonSettings):
                 "without it"
             )
         gateway = self.gateway_address
-        if gateway not in self.sandbox_subnet:
+        if gateway not in self.sandbox_subnet or gateway in (
+            self.sandbox_subnet.network_address,
+            self.sandbox_subnet.broadcast_address,
+        ):
             raise ValueError(
-                f"--sandbox-gateway {gateway} is outside --sandbox-subnet {self.sandbox_subnet}"
+                f"--sandbox-gateway {gateway} is not a host address of --sandbox-subnet "
+                f"{self.sandbox_subnet}"
             )
         ports = {self.proxy_transparent_port, self.proxy_dns_port, self.proxy_explicit_port}
         if len(ports) != 3:

@@ -10,6 +10,7 @@ reported ready, so the firewall and the proxy know which agent sends a packet.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from nats.aio.client import Client as NatsClient
@@ -43,6 +44,7 @@ class FirewallGate:
         self._allow_disabled = allow_disabled
         self._timeout = timeout
         self.state: FirewallState | None = None
+        self._received_at = 0.0
         self._subscription: Subscription | None = None
 
     async def start(self) -> None:
@@ -62,6 +64,14 @@ class FirewallGate:
         except BusError as exc:
             logger.warning("ignoring invalid firewall state: %s", exc)
             return
+        ahead = state.checked_at - utc_now()
+        if ahead > timedelta(seconds=state.check_interval):
+            logger.warning(
+                "ignoring firewall state of %s dated %.0f s in the future; check the clocks",
+                state.host_id,
+                ahead.total_seconds(),
+            )
+            return
         if self.state is None or state.verified != self.state.verified:
             logger.info(
                 "firewall state of %s: enabled=%s verified=%s %s",
@@ -71,6 +81,7 @@ class FirewallGate:
                 state.detail,
             )
         self.state = state
+        self._received_at = time.monotonic()
 
     def require_usable(self) -> bool:
         """Return True when the firewall is disabled but tolerated; raise if agents must wait.
@@ -84,11 +95,13 @@ class FirewallGate:
                 f"no firewall state from netguard on host {self._host_id}; start "
                 "agent-runner-netguard",
             )
-        age = utc_now() - state.checked_at
-        if age > timedelta(seconds=state.check_interval * STALE_AFTER_INTERVALS):
+        # Freshness counts from when this supervisor received the state, so a sender's clock
+        # running ahead cannot keep an old state fresh.
+        age = time.monotonic() - self._received_at
+        if age > state.check_interval * STALE_AFTER_INTERVALS:
             raise AgentStartError(
                 FailureReason.FIREWALL_NOT_VERIFIED,
-                f"the last firewall state is {age.total_seconds():.0f} s old; netguard on "
+                f"the last firewall state is {age:.0f} s old; netguard on "
                 f"{self._host_id} is not running or cannot reach NATS",
             )
         if not state.enabled:
