@@ -111,7 +111,7 @@ FINAL_STATES = frozenset({AgentState.STOPPED, AgentState.FAILED})
 
 
 class StopReason(StrEnum):
-    """Why an agent's container ended."""
+    """Reason an agent's container ended."""
 
     REQUESTED = "requested"
     LIFETIME_EXCEEDED = "lifetime_exceeded"
@@ -219,7 +219,7 @@ class LogsReply(Message):
 
 
 class ErrorReply(Message):
-    """A request failed; `code` is a fixed reason code, `message` says what and why."""
+    """A request failed; `code` is a fixed reason code, `message` describes what failed and why."""
 
     kind: Literal["error"] = "error"
     code: str

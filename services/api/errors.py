@@ -24,7 +24,7 @@ UNAUTHORIZED_MESSAGE = (
 
 
 class ApiError(Exception):
-    """An error answered to the client with `status` and a fixed `code`."""
+    """An error returned to the client with `status` and a fixed `code`."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -64,7 +64,7 @@ class FirewallStates:
 
 
 class Readiness(BaseModel):
-    """Answer of /readyz."""
+    """Response body of /readyz."""
 
     status: Literal["ready", "not_ready"]
     nats: Literal["ok", "down"]
@@ -73,7 +73,7 @@ class Readiness(BaseModel):
 
 
 async def readiness(*, nats: NatsClient, redis_ok: bool, firewall: FirewallStates) -> JSONResponse:
-    """Return 200 when NATS and Redis answer and some host's firewall is usable, else 503."""
+    """Return 200 when NATS and Redis respond and some host's firewall is usable, else 503."""
     firewall_status = firewall.status()
     usable = any(status in ("verified", "disabled") for status in firewall_status.values())
     nats_ok = nats.is_connected

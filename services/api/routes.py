@@ -129,7 +129,7 @@ async def create_agent(
     key_id: KeyId,
     services: ServicesDep,
     wait: Annotated[
-        bool, Query(description="Answer only once the agent is ready or failed.")
+        bool, Query(description="Respond only once the agent is ready or failed.")
     ] = False,
 ) -> AgentView:
     """Start an agent; it is `requested` at once and `ready` once it answers HTTP."""

@@ -66,6 +66,8 @@ class Firewall:
                 f"the applied tables hold rules {comments}, expected {wanted}; another program "
                 "changed them during the apply"
             )
+        # NOTE: only rule names are compared with what was sent; that nft lists each rule's
+        # expressions as sent is shown by tests/integration/test_ruleset_nft.py, not here.
         self._expected = listed
         digest = ruleset.ruleset_hash(listed)
         logger.info("applied firewall %s with %d agents", digest, len(self.agents))

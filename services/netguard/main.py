@@ -120,7 +120,7 @@ class Netguard:
             return await asyncio.to_thread(self.firewall.check)
 
     async def handle_registration(self, msg: Msg) -> None:
-        """Add or remove an agent's address; answers only after nftables holds the change."""
+        """Add or remove an agent's address; replies only after nftables has the change."""
         try:
             request = bus.decode(msg.data, RegisterAgentRequest, subject=msg.subject)
         except BusError as exc:

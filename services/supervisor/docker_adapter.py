@@ -130,7 +130,7 @@ class DockerAdapter:
             )
 
     def image_exists(self, image_id: str) -> bool:
-        """Return whether the daemon holds an image with exactly this ID."""
+        """Return whether the daemon has an image with exactly this ID."""
         try:
             self.client.images.get(image_id)
         except docker.errors.ImageNotFound:

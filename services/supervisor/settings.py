@@ -55,7 +55,7 @@ class SupervisorSettings(CommonSettings):
         "shorter lifetime, never a longer one.",
     )
     agent_start_timeout: float = Field(
-        30.0, gt=0, le=600, description="Seconds an agent has to answer HTTP on port 80."
+        30.0, gt=0, le=600, description="Seconds an agent has to respond to HTTP on port 80."
     )
     agent_stop_grace: int = Field(
         5, ge=0, le=60, description="Seconds between SIGTERM and SIGKILL when stopping."
@@ -105,7 +105,7 @@ class SupervisorSettings(CommonSettings):
         description="Largest image tarball accepted for download (bytes; suffixes accepted).",
     )
     image_max_members: int = Field(
-        10_000, gt=0, description="Most members allowed in an image tarball."
+        10_000, gt=0, description="Maximum number of members in an image tarball."
     )
     download_connect_timeout: float = Field(
         10.0, gt=0, le=300, description="Seconds to connect to an image URL."
