@@ -39,14 +39,10 @@ from bench.harness import (
     Agents,
     Deadline,
     add_stack_arguments,
-    bench_stack,
-    echo_image,
-    interrupts_raise,
-    load_env_file,
+    echo_session,
     milliseconds,
     percentile,
-    stopping_agents,
-    workdir,
+    run_main,
 )
 from libs.common.settings import load_settings
 from services.supervisor.container_spec import AGENT_PORT, AgentContainer, create_arguments
@@ -275,16 +271,11 @@ def report(product: Timings, plain: Timings) -> None:
 def run(args: argparse.Namespace) -> None:
     """Set everything up, measure, report and clean up."""
     deadline = Deadline(args.max_seconds)
-    with contextlib.ExitStack() as resources:
-        folder = resources.enter_context(workdir())
-        client = docker.from_env(timeout=120)
-        resources.callback(client.close)
-        image = resources.enter_context(echo_image(client, folder))
-        stack = resources.enter_context(bench_stack(client, folder, args))
-        api = resources.enter_context(
-            httpx.Client(base_url=stack.api_url, headers=stack.headers, trust_env=False)
-        )
-        agents = resources.enter_context(stopping_agents(api, image))
+    with echo_session(args) as session, contextlib.ExitStack() as resources:
+        client = session.client
+        image = session.image
+        stack = session.stack
+        agents = session.agents
 
         warm_agent, warm_seconds = agents.start()
         if warm_agent["image_id"] != image.image_id:
@@ -342,15 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0, or 130 after Ctrl-C or SIGTERM."""
-    args = parse_args(argv)
-    load_env_file()
-    try:
-        with interrupts_raise():
-            run(args)
-    except KeyboardInterrupt:
-        print("interrupted; cleanup finished", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,7 @@ from bench.harness import (
     add_stack_arguments,
     bench_stack,
     echo_image,
-    interrupts_raise,
-    load_env_file,
+    run_main,
     stopping_agents,
     workdir,
 )
@@ -516,15 +515,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0, or 130 after Ctrl-C or SIGTERM."""
-    args = parse_args(argv)
-    load_env_file()
-    try:
-        with interrupts_raise():
-            run(args)
-    except KeyboardInterrupt:
-        print("interrupted; cleanup finished", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -261,6 +261,50 @@ def stopping_agents(api: httpx.Client, image: EchoImage) -> Iterator[Agents]:
         yield agents
     finally:
         agents.stop_all()
+
+
+@dataclass(frozen=True)
+class EchoSession:
+    """What a benchmark of the echo agent works with; all of it is cleaned up after."""
+
+    client: docker.DockerClient
+    image: EchoImage
+    stack: Stack
+    api: httpx.Client
+    agents: Agents
+
+
+@contextlib.contextmanager
+def echo_session(args: argparse.Namespace) -> Iterator[EchoSession]:
+    """Build the echo image, start a stack and yield a client of its gateway."""
+    with contextlib.ExitStack() as resources:
+        folder = resources.enter_context(workdir())
+        client = docker.from_env(timeout=120)
+        resources.callback(client.close)
+        image = resources.enter_context(echo_image(client, folder))
+        stack = resources.enter_context(bench_stack(client, folder, args))
+        api = resources.enter_context(
+            httpx.Client(base_url=stack.api_url, headers=stack.headers, trust_env=False)
+        )
+        agents = resources.enter_context(stopping_agents(api, image))
+        yield EchoSession(client=client, image=image, stack=stack, api=api, agents=agents)
+
+
+def run_main(
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], None],
+    argv: list[str] | None,
+) -> int:
+    """Parse arguments and run a benchmark; return 0, or 130 after Ctrl-C or SIGTERM."""
+    args = parse_args(argv)
+    load_env_file()
+    try:
+        with interrupts_raise():
+            run(args)
+    except KeyboardInterrupt:
+        print("interrupted; cleanup finished", file=sys.stderr)
+        return 130
+    return 0
 
 
 def percentile(samples: list[float], fraction: float) -> float:

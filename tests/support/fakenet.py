@@ -36,7 +36,7 @@ FAKE_HOST = "198.51.100.10"
 SECOND_HOST_ADDRESS = "203.0.113.1"
 SECOND_FAKE_HOST = "203.0.113.10"
 # Routed to the fake host by a /32 host route only, so that no other link-local address
-# (169.254.169.254 above all) changes its route.
+# (the cloud metadata address among them) changes its route.
 LINK_LOCAL_FAKE_HOST = "169.254.42.42"
 HOST_ADDRESS_V6 = "2001:db8:100::1"
 FAKE_HOST_V6 = "2001:db8:100::10"
