@@ -1,7 +1,7 @@
 """Write docs/configuration.md from the settings classes, so the reference never drifts.
 
 Usage: .venv/bin/python scripts/settings_reference.py [--check]
-With --check it exits 1 when the file differs from what the classes say.
+With --check it exits 1 when the file differs from what the classes define.
 """
 
 from __future__ import annotations

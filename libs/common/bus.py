@@ -75,7 +75,7 @@ async def connect(settings: CommonSettings, *, name: str) -> NatsClient:
             options["password"] = settings.nats_password.get_secret_value()
     try:
         # nats-py retries a failed first connection forever when reconnecting is allowed; a
-        # service must instead stop at startup and say why.
+        # service must instead stop at startup and log why.
         client = await asyncio.wait_for(nats.connect(**options), settings.nats_timeout * 2)
     except Exception as exc:  # nats-py raises several unrelated types on connect
         raise BusError(
@@ -126,7 +126,7 @@ async def request(
 ) -> ModelT:
     """Send `message` and return the validated reply.
 
-    Raises BusTimeout when nobody answers within `timeout` seconds, RemoteError when the
+    Raises BusTimeout when no service replies within `timeout` seconds, RemoteError when the
     responder sent an ErrorReply, and BusError for anything else.
     """
     try:
@@ -146,7 +146,7 @@ async def request(
 
 
 async def respond(msg: Msg, message: BaseModel) -> None:
-    """Answer a request; a requester that already gave up is logged, not raised."""
+    """Reply to a request; a requester that already gave up is logged, not raised."""
     if not msg.reply:
         logger.warning("request on %s has no reply subject", msg.subject)
         return

@@ -86,7 +86,7 @@ def revoke_key(
 @audit_app.command("events")
 def audit_events(
     agent_id: Annotated[str | None, typer.Option(help="Only events of this agent.")] = None,
-    limit: Annotated[int, typer.Option(help="Most events to print.", min=1)] = 1000,
+    limit: Annotated[int, typer.Option(help="Maximum number of events to print.", min=1)] = 1000,
 ) -> None:
     """Print audit events from the JetStream stream as JSON lines, oldest first.
 

@@ -24,11 +24,11 @@ class BusError(CommonError):
 
 
 class BusTimeout(BusError):
-    """No service answered a NATS request in time."""
+    """No service replied to a NATS request in time."""
 
 
 class RemoteError(BusError):
-    """The service that answered a request reported an error with a fixed code."""
+    """The service that replied to a request reported an error with a fixed code."""
 
     def __init__(self, code: str, message: str, *, subject: str | None = None) -> None:
         super().__init__(f"{code}: {message}", subject=subject)

@@ -14,7 +14,7 @@ Subjects (version 1):
 | `agents.v1.state.<agent>` | publish | AgentStateChanged |
 | `audit.<service>.<type>` | JetStream stream `AUDIT` | AuditEvent |
 
-Any request may instead be answered with ErrorReply.
+Any request may instead get an ErrorReply.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Make untrusted text safe to store, print in a terminal or embed in JSON.
 
 Agent output is hostile input: it may carry terminal escape sequences that rewrite what an
-operator sees, carriage returns that hide a line, invalid UTF-8, or a single line large enough
+operator reads, carriage returns that hide a line, invalid UTF-8, or a single line large enough
 to exhaust memory. Every line of agent output passes through `sanitize_line` before the
 supervisor stores, shows or publishes it.
 """
@@ -33,7 +33,7 @@ def sanitize_line(raw: bytes, *, max_length: int) -> tuple[str, bool]:
     """Return `raw` as printable text of at most `max_length` characters plus a marker.
 
     Invalid UTF-8 becomes U+FFFD, control characters other than tab become visible escapes
-    (`\\x1b`, `\\r`), and the boolean says whether the line was truncated.
+    (`\\x1b`, `\\r`), and the boolean is true when the line was truncated.
     """
     truncated = len(raw) > max_length * 4
     if truncated:

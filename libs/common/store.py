@@ -57,11 +57,11 @@ class AgentStore:
         self._final_record_ttl = final_record_ttl
 
     async def ping(self) -> None:
-        """Raise StoreError when Redis does not answer."""
+        """Raise StoreError when Redis does not respond."""
         try:
             await self._redis.ping()
         except RedisError as exc:
-            raise StoreError(f"Redis does not answer: {exc}") from exc
+            raise StoreError(f"Redis did not respond to PING: {exc}") from exc
 
     async def create(self, record: AgentRecord) -> None:
         """Store a new record; raises StoreError if the id already exists."""

@@ -78,9 +78,9 @@ class Forwarder:
     async def forward(
         self, request: Request, record: AgentRecord, raw_path: bytes
     ) -> StreamingResponse:
-        """Forward `request` to `record`'s agent at `raw_path` and stream the answer back.
+        """Forward `request` to `record`'s agent at `raw_path` and stream the response back.
 
-        Raises ApiError 502 when the agent cannot be reached and 504 when it does not answer
+        Raises ApiError 502 when the agent cannot be reached and 504 when it does not respond
         within the timeout.
         """
         assert record.host_address is not None and record.host_port is not None
@@ -103,7 +103,9 @@ class Forwarder:
             response = await self._client.send(upstream, stream=True)
         except httpx.TimeoutException as exc:
             raise ApiError(
-                504, "agent_timeout", f"agent {record.agent_id} did not answer in time"
+                504,
+                "agent_timeout",
+                f"agent {record.agent_id} did not respond within --request-timeout",
             ) from exc
         except httpx.HTTPError as exc:
             logger.warning(

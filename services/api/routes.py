@@ -77,7 +77,7 @@ async def _services_dependency(request: Request) -> Services:
 async def require_api_key(request: Request) -> str:
     """Return the id of the caller's API key, or raise ApiError 401.
 
-    Missing, malformed and wrong keys get the same answer, so a caller learns nothing about
+    Missing, malformed and wrong keys get the same response, so a caller learns nothing about
     which keys exist. A key in the query string is rejected with its own message.
     """
     services = services_of(request)
@@ -132,7 +132,7 @@ async def create_agent(
         bool, Query(description="Respond only once the agent is ready or failed.")
     ] = False,
 ) -> AgentView:
-    """Start an agent; it is `requested` at once and `ready` once it answers HTTP."""
+    """Start an agent; it is `requested` at once and `ready` once it responds to HTTP."""
     settings = services.settings
     if body.image_url.startswith("http://") and not settings.allow_http_image_urls:
         raise ApiError(

@@ -99,6 +99,6 @@ class AgentLogs(BaseModel):
 
 
 class Health(BaseModel):
-    """Minimal liveness answer; it reveals nothing about the deployment."""
+    """Minimal liveness response, which reveals nothing about the deployment."""
 
     status: str

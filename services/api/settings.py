@@ -38,7 +38,7 @@ class ApiSettings(CommonSettings):
         30.0,
         gt=0,
         le=3600,
-        description="Seconds the gateway waits for an agent to connect, answer or send more "
+        description="Seconds the gateway waits for an agent to connect, respond or send more "
         "of its response when forwarding a request.",
     )
     max_request_body: ByteSize = Field(
@@ -57,7 +57,7 @@ class ApiSettings(CommonSettings):
         3600,
         gt=0,
         le=7 * 24 * 3600,
-        description="Longest lifetime a request may ask for, in seconds; keep it equal to the "
+        description="Maximum lifetime a request may ask for, in seconds; keep it equal to the "
         "supervisor's --max-container-lifetime.",
     )
     start_wait_timeout: float = Field(

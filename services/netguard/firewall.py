@@ -2,7 +2,7 @@
 
 The expected ruleset is what nftables listed right after netguard applied its own batch, in
 canonical form (no handles, counters or set elements). A check compares the live tables with
-it and the live `agents` set with the registry; any difference is drift, which is repaired
+it and the live `agents` set with the registry. Any difference is drift, which is repaired
 by applying the whole batch again and reported with the names of the rules involved.
 """
 

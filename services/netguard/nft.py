@@ -1,7 +1,7 @@
 """nftables access through libnftables' JSON API (Debian's python3-nftables).
 
 Errors of the library become FirewallError here, naming the command and the kernel's
-message, because netguard must fail closed and say why.
+message, because netguard must fail closed and log why.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def apply_batch(config: RulesetConfig, agents: list[str]) -> dict[str, Any]:
     """Return one JSON transaction that replaces both tables with the ruleset and `agents`.
 
     Adding a table before deleting it makes the delete succeed on a first run, so the same
-    batch creates or replaces; the kernel applies all of it or none of it.
+    batch creates or replaces. The kernel applies all of it or none of it.
     """
     commands: list[dict[str, Any]] = []
     for family in ("inet", "bridge"):

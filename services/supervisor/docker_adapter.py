@@ -1,8 +1,8 @@
 """Docker calls of the supervisor, with docker SDK errors translated at this boundary.
 
 Every function here blocks; the supervisor runs them in worker threads. Containers and images
-are referred to by ID only, never by a tag, because a tag can be moved by whoever loads an
-image with the same name.
+are referred to by ID only, never by a tag, because anyone who loads an image with the same
+name can move a tag.
 """
 
 from __future__ import annotations

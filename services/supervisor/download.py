@@ -1,7 +1,7 @@
 """Image download: stream a tarball to a temporary file while hashing it.
 
 First step of every agent start. Nothing downloaded here is trusted until its SHA-256 equals
-the digest the caller gave; on any failure the temporary file is removed before the error
+the digest the caller gave. On any failure the temporary file is removed before the error
 reaches the caller, so a rejected download leaves nothing behind.
 """
 

@@ -2,7 +2,7 @@
 
 The supervisor is the only writer of an agent's record once it has accepted the start. Every
 state change is written to Redis, published on `agents.v1.state.<agent>` and audited. A
-start runs as a background task; a stop request during a start is honoured at the next step,
+start runs as a background task. A stop request during a start is honoured at the next step,
 so a container is never created for an agent that was already stopped.
 """
 
@@ -274,7 +274,7 @@ class AgentManager:
                 await self._probe.get(url)
                 return
             except httpx.HTTPError:
-                pass  # not listening yet; any HTTP answer at all counts as ready
+                pass  # not listening yet; any HTTP response at all counts as ready
             if asyncio.get_running_loop().time() >= deadline:
                 raise AgentStartError(
                     FailureReason.READY_TIMEOUT,
@@ -291,7 +291,7 @@ class AgentManager:
     async def stop(self, agent_id: str, *, wait: float = 10.0) -> AgentRecord | None:
         """Stop an agent on request and return its record, or None when it is unknown.
 
-        A start in progress is asked to stop and given `wait` seconds to do so; if it is still
+        A start in progress is asked to stop and given `wait` seconds to do so. If it is still
         busy (a long download, say), the record is returned in state 'stopping' and the start
         task finishes the stop itself.
         """
@@ -310,7 +310,7 @@ class AgentManager:
             return await self.terminate(record, StopReason.REQUESTED)
 
     async def expire_or_collect(self, record: AgentRecord, *, running: bool) -> None:
-        """Stop a ready agent whose lifetime ended, or record the exit of one that ended."""
+        """Stop a ready agent whose lifetime ended, or record the exit of an agent that exited."""
         async with self._lock(record.agent_id):
             current = await self.store.get(record.agent_id)
             if current is None or current.state != AgentState.READY:

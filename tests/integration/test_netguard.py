@@ -245,7 +245,7 @@ def test_clean_stop_removes_tables_and_blocks_starts(
         timeout=10,
         message="netguard did not apply its tables again",
     )
-    time.sleep(1.5)  # the supervisor sees the next verified state
+    time.sleep(1.5)  # the supervisor receives the next verified state
     accepted = start_agent(client, echo_tarball)
     assert accepted["state"] == "ready", accepted
     client.delete(f"/v1/agents/{accepted['agent_id']}")

@@ -111,7 +111,7 @@ class Stack:
         return env
 
     def start(self) -> None:
-        """Create the key and start both services; wait until the gateway answers."""
+        """Create the key and start both services; wait until the gateway responds."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         key_file = self.workdir / "api-keys"
         key_file.unlink(missing_ok=True)
@@ -191,7 +191,7 @@ class Stack:
             self._wait_for_text("supervisor", "firewall state of", timeout=20, offset=offset)
 
     def start_api(self) -> None:
-        """Start the gateway and wait until /healthz answers."""
+        """Start the gateway and wait until /healthz responds."""
         self._spawn(
             "api",
             "agent-runner-api",

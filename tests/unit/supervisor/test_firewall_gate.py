@@ -36,7 +36,7 @@ def state(*, age: float = 0.0, **fields: Any) -> FirewallState:
 
 
 def gate(current: FirewallState | None, *, allow_disabled: bool = False) -> FirewallGate:
-    """Return a gate that received `current` when its checked_at says.
+    """Return a gate that received `current` at the time its checked_at names.
 
     require_usable does not use NATS.
     """
