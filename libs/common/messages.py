@@ -46,6 +46,16 @@ AgentId = Annotated[str, StringConstraints(pattern=r"^ag-[0-9a-f]{32}$")]
 ImageDigest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 HostId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+# A host name in lower case without a trailing dot, or "*." and one, which matches the names
+# below it but not the name itself.
+DomainPattern = Annotated[
+    str,
+    StringConstraints(
+        max_length=253,
+        pattern=r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+    ),
+]
+MAX_ALLOWED_DOMAINS = 256
 
 
 def new_agent_id() -> str:
@@ -146,6 +156,7 @@ class AgentRecord(BaseModel):
     killed_for_time: bool = False
     failure_reason: str | None = None
     failure_message: str | None = None
+    allowed_domains: list[str] = Field(default_factory=list)
 
 
 class StartAgentRequest(Message):
@@ -158,6 +169,9 @@ class StartAgentRequest(Message):
     lifetime_seconds: int = Field(gt=0)
     env: dict[EnvName, Annotated[str, StringConstraints(max_length=4096)]] = Field(
         default_factory=dict, max_length=64
+    )
+    allowed_domains: list[DomainPattern] = Field(
+        default_factory=list, max_length=MAX_ALLOWED_DOMAINS
     )
 
 
@@ -295,15 +309,6 @@ class FirewallState(Message):
     detail: str = ""
 
 
-DomainPattern = Annotated[
-    str,
-    StringConstraints(
-        max_length=253,
-        pattern=r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-    ),
-]
-
-
 class AgentNetworkPolicy(BaseModel):
     """Network policy of one agent, keyed by its sandbox address."""
 
@@ -311,7 +316,9 @@ class AgentNetworkPolicy(BaseModel):
 
     agent_id: AgentId
     address: str
-    allowed_domains: list[DomainPattern] = Field(default_factory=list, max_length=256)
+    allowed_domains: list[DomainPattern] = Field(
+        default_factory=list, max_length=MAX_ALLOWED_DOMAINS
+    )
 
     @field_validator("address")
     @classmethod

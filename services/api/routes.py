@@ -156,6 +156,7 @@ async def create_agent(
         lifetime_seconds=lifetime,
         correlation_id=correlation_id,
         created_at=utc_now(),
+        allowed_domains=body.allowed_domains,
     )
     await services.store.create(record)
     services.audit.emit(
@@ -168,6 +169,7 @@ async def create_agent(
             "image_digest": record.image_digest,
             "lifetime_seconds": lifetime,
             "env_names": sorted(body.env),
+            "allowed_domains": record.allowed_domains,
         },
     )
     subscription = await services.nats.subscribe(state_subject(record.agent_id)) if wait else None
@@ -189,6 +191,7 @@ async def _send_start(services: Services, record: AgentRecord, body: CreateAgent
         image_digest=record.image_digest,
         lifetime_seconds=record.lifetime_seconds,
         env=body.env,
+        allowed_domains=record.allowed_domains,
     )
     try:
         await bus.request(

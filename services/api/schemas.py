@@ -2,20 +2,105 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+import idna
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from libs.common.messages import (
+    MAX_ALLOWED_DOMAINS,
     AgentRecord,
     AgentState,
+    DomainPattern,
     EnvName,
     ImageDigest,
     LogLine,
     StopReason,
 )
+
+MAX_DOMAIN_LENGTH = 253
+WILDCARD_PREFIX = "*."
+# Maximum number of characters of an entry that an error message shows; the rest is cut off.
+_SHOWN_CHARACTERS = 80
+_domain_pattern: TypeAdapter[str] = TypeAdapter(DomainPattern)
+# The last label of an IPv4 literal in any spelling that inet_aton or a URL parser accepts
+# (decimal, octal, hex). No top-level domain is numeric, so no host name ends in one.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+
+
+def _shown(value: str) -> str:
+    if len(value) <= _SHOWN_CHARACTERS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARACTERS]!r}... ({len(value)} characters)"
+
+
+def _pattern_problem(value: str) -> str | None:
+    """Return why `value` is not a domain pattern the network policy accepts, or None."""
+    if len(value) > MAX_DOMAIN_LENGTH:
+        return f"is {len(value)} characters long; the maximum is {MAX_DOMAIN_LENGTH}"
+    try:
+        _domain_pattern.validate_python(value)
+    except ValidationError:
+        return (
+            "is not a host name or '*.' followed by one; expected dot-separated labels of 1 to "
+            "63 lower-case ASCII letters, digits and inner hyphens"
+        )
+    if _NUMERIC_LABEL.fullmatch(value.rsplit(".", 1)[-1]):
+        return "is an IP address or ends in a numeric label; list host names only"
+    return None
+
+
+def _canonical_spelling(value: str) -> str | None:
+    """Return `value` in lower case, without one trailing dot and IDNA-encoded, if it encodes."""
+    # UTS #46 drops some invisible characters, which would turn a suspicious entry into a
+    # plausible suggestion; the proxy rejects them in host names too.
+    if not value.isprintable():
+        return None
+    wildcard = value.startswith(WILDCARD_PREFIX)
+    name = value.removeprefix(WILDCARD_PREFIX) if wildcard else value
+    name = name.removesuffix(".")
+    if name.isascii():
+        name = name.lower()
+    else:
+        try:
+            name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        except UnicodeError:  # idna.IDNAError derives from it
+            return None
+    return WILDCARD_PREFIX + name if wildcard else name
+
+
+def _check_allowed_domain(value: str) -> str:
+    # The entry is rejected rather than rewritten, so that the caller sees exactly what was
+    # granted in the agent's record and in the proxy's decisions.
+    problem = _pattern_problem(value)
+    if problem is None:
+        return value
+    canonical = _canonical_spelling(value)
+    if canonical is not None and canonical != value:
+        canonical_problem = _pattern_problem(canonical)
+        if canonical_problem is None:
+            raise ValueError(
+                f"allowed_domains entry {_shown(value)} is not in canonical form (lower-case "
+                f"ASCII, no trailing dot); use {canonical!r}"
+            )
+        # Report what is still wrong after the spelling, such as an IP address.
+        problem = canonical_problem
+    raise ValueError(f"allowed_domains entry {_shown(value)} {problem}")
+
+
+AllowedDomain = Annotated[str, AfterValidator(_check_allowed_domain)]
 
 
 class CreateAgentRequest(BaseModel):
@@ -40,6 +125,15 @@ class CreateAgentRequest(BaseModel):
         max_length=64,
         description="Environment variables for the agent (at most 64, values up to 4096 "
         "characters). They are not stored in the agent record.",
+    )
+    allowed_domains: list[AllowedDomain] = Field(
+        default_factory=list,
+        max_length=MAX_ALLOWED_DOMAINS,
+        description="Host names the agent may reach through the egress proxy, in addition to "
+        "the proxy's --allowed-domains; the proxy's --blocked-domains still apply. Each entry "
+        "is a lower-case ASCII host name without a trailing dot (IDNA 'xn--' form for "
+        "non-ASCII names), or '*.' and one, which matches every name below it but not the "
+        "name itself. IP addresses are rejected. At most 256 entries.",
     )
 
     @field_validator("image_url")
@@ -76,6 +170,7 @@ class AgentView(BaseModel):
     killed_for_time: bool
     failure_reason: str | None
     failure_message: str | None
+    allowed_domains: list[str]
 
     @classmethod
     def of(cls, record: AgentRecord) -> AgentView:

@@ -33,12 +33,12 @@ from libs.common.messages import (
     firewall_state_subject,
     utc_now,
 )
+from libs.common.registry import AgentRegistry
 from libs.common.settings import load_settings
 from libs.common.store import connect_redis
 from services.netguard import metrics
 from services.netguard.firewall import CheckResult, Firewall
 from services.netguard.nft import FirewallError, Nft
-from services.netguard.registry import AgentRegistry
 from services.netguard.ruleset import RulesetConfig
 from services.netguard.settings import NetguardSettings
 

@@ -221,7 +221,11 @@ class AgentManager:
             self.docker.sandbox_address, record.container_id, self.settings.sandbox_network
         )
         await self.firewall.register(
-            AgentNetworkPolicy(agent_id=record.agent_id, address=record.sandbox_address),
+            AgentNetworkPolicy(
+                agent_id=record.agent_id,
+                address=record.sandbox_address,
+                allowed_domains=record.allowed_domains,
+            ),
             add=True,
             correlation_id=record.correlation_id,
         )
@@ -395,7 +399,11 @@ class AgentManager:
         if record.sandbox_address:
             try:
                 await self.firewall.register(
-                    AgentNetworkPolicy(agent_id=record.agent_id, address=record.sandbox_address),
+                    AgentNetworkPolicy(
+                        agent_id=record.agent_id,
+                        address=record.sandbox_address,
+                        allowed_domains=record.allowed_domains,
+                    ),
                     add=False,
                     correlation_id=record.correlation_id,
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,6 +10,10 @@ import docker
 import httpx
 import pytest
 
+from libs.common.messages import AgentNetworkPolicy
+from libs.common.registry import AgentRegistry
+from libs.common.settings import CommonSettings, load_settings
+from libs.common.store import connect_redis
 from tests.integration.conftest import Tarball
 from tests.support.stack import Stack, wait_for_state
 
@@ -103,6 +108,44 @@ def test_agent_runs_locked_down_and_stops(
         "agent.stopped",
     ):
         assert expected in types, types
+
+
+def registered_policy(host_id: str, address: str) -> AgentNetworkPolicy | None:
+    """Return the policy that netguard stored in Redis for `address` on `host_id`."""
+
+    async def read() -> AgentNetworkPolicy | None:
+        client = connect_redis(load_settings(CommonSettings, []))
+        try:
+            return await AgentRegistry(client, host_id=host_id).get(address)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def test_allowed_domains_reach_network_policy(
+    api: httpx.Client, stack: Stack, echo_tarball: Tarball, docker_client: docker.DockerClient
+) -> None:
+    domains = ["example.test", "*.api.example.test"]
+
+    agent = start_agent(api, echo_tarball, allowed_domains=domains)
+
+    assert agent["state"] == "ready", agent
+    assert agent["allowed_domains"] == domains
+    agent_id = agent["agent_id"]
+    assert api.get(f"/v1/agents/{agent_id}").json()["allowed_domains"] == domains
+    container = docker_client.containers.get(agent["container_id"])
+    address = container.attrs["NetworkSettings"]["Networks"][stack.network]["IPAddress"]
+    policy = registered_policy(stack.host_id, address)
+    assert policy == AgentNetworkPolicy(agent_id=agent_id, address=address, allowed_domains=domains)
+
+    stopped = api.delete(f"/v1/agents/{agent_id}")
+    assert stopped.json()["allowed_domains"] == domains
+    assert registered_policy(stack.host_id, address) is None
+    events = {event["type"]: event for event in stack.audit_events(agent_id)}
+    assert events["agent.requested"]["details"]["allowed_domains"] == domains
+    assert events["firewall.policy_added"]["details"]["allowed_domains"] == domains
+    assert events["firewall.policy_removed"]["details"]["allowed_domains"] == domains
 
 
 def test_second_start_uses_cached_tarball(

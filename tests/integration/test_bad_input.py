@@ -657,6 +657,21 @@ INVALID_BODIES = [
     pytest.param({"privileged": True}, "privileged", id="unknown-field"),
     pytest.param({"lifetime_seconds": 3601}, "3601", id="lifetime-over-max"),
     pytest.param({"lifetime_seconds": 0}, "lifetime_seconds", id="lifetime-zero"),
+    pytest.param(
+        {"allowed_domains": ["ok.test", "Example.test"]},
+        "use 'example.test'",
+        id="domain-upper-case",
+    ),
+    pytest.param(
+        {"allowed_domains": ["example.test."]}, "use 'example.test'", id="domain-trailing-dot"
+    ),
+    pytest.param({"allowed_domains": ["203.0.113.7"]}, "IP address", id="domain-ip-address"),
+    pytest.param({"allowed_domains": ["*"]}, "'*'", id="domain-wildcard-alone"),
+    pytest.param(
+        {"allowed_domains": [f"d{index}.test" for index in range(257)]},
+        "allowed_domains",
+        id="domains-257",
+    ),
 ]
 
 

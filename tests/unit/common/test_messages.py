@@ -74,6 +74,84 @@ def test_start_request_round_trips_json() -> None:
     assert decoded == request
 
 
+def test_start_request_allowed_domains_default_empty() -> None:
+    assert StartAgentRequest.model_validate(start_request()).allowed_domains == []
+
+
+def test_start_request_allowed_domains_round_trip() -> None:
+    domains = ["example.test", "*.example.test", "xn--bcher-kva.test"]
+    request = StartAgentRequest.model_validate(start_request(allowed_domains=domains))
+
+    decoded = StartAgentRequest.model_validate_json(request.model_dump_json())
+
+    assert decoded == request
+    assert decoded.allowed_domains == domains
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        pytest.param("Example.test", id="upper-case"),
+        pytest.param("example.test.", id="trailing-dot"),
+        pytest.param("*", id="wildcard-alone"),
+        pytest.param("a" * 64 + ".test", id="label-64"),
+        pytest.param("example.test:443", id="port"),
+    ],
+)
+def test_start_request_invalid_domain_rejected(domain: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(allowed_domains=["ok.test", domain]))
+
+    assert [detail["loc"] for detail in error.value.errors()] == [("allowed_domains", 1)]
+
+
+def test_start_request_257_domains_rejected() -> None:
+    domains = [f"d{index}.test" for index in range(257)]
+
+    with pytest.raises(ValidationError) as error:
+        StartAgentRequest.model_validate(start_request(allowed_domains=domains))
+
+    assert error_fields(error) == ["allowed_domains"]
+
+
+def test_start_request_256_domains_accepted() -> None:
+    domains = [f"d{index}.test" for index in range(256)]
+
+    request = StartAgentRequest.model_validate(start_request(allowed_domains=domains))
+
+    assert request.allowed_domains == domains
+
+
+def agent_record(**fields: Any) -> dict[str, Any]:
+    """Return the fields of a valid AgentRecord, updated with `fields`."""
+    return {
+        "agent_id": AGENT_ID,
+        "state": "ready",
+        "image_url": "https://127.0.0.1/agent.tar",
+        "image_digest": DIGEST,
+        "lifetime_seconds": 60,
+        "correlation_id": "c",
+        "created_at": "2024-01-01T00:00:00Z",
+        **fields,
+    }
+
+
+def test_record_without_allowed_domains_reads_as_empty() -> None:
+    # Records stored before the field existed have no such key.
+    record = AgentRecord.model_validate_json(json.dumps(agent_record()))
+
+    assert record.allowed_domains == []
+
+
+def test_record_allowed_domains_round_trip() -> None:
+    record = AgentRecord.model_validate(agent_record(allowed_domains=["*.example.test"]))
+
+    decoded = AgentRecord.model_validate_json(record.model_dump_json())
+
+    assert decoded == record
+    assert decoded.allowed_domains == ["*.example.test"]
+
+
 @pytest.mark.parametrize(
     ("model", "fields"),
     [
