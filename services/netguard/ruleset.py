@@ -150,25 +150,21 @@ def rules(config: RulesetConfig) -> list[Rule]:
             _match(_field("tcp", "dport"), {"set": [80, 443]}),
             {"redirect": {"port": config.transparent_port}},
         ),
-        rule(
-            "inet",
-            "redirect_to_proxy",
-            "redirect-dns-udp",
-            from_bridge,
-            registered,
-            not_to_sandbox,
-            _match(_field("udp", "dport"), 53),
-            {"redirect": {"port": config.dns_port}},
-        ),
-        rule(
-            "inet",
-            "redirect_to_proxy",
-            "redirect-dns-tcp",
-            from_bridge,
-            registered,
-            not_to_sandbox,
-            _match(_field("tcp", "dport"), 53),
-            {"redirect": {"port": config.dns_port}},
+        # Agents' resolv.conf names the gateway, which is inside the sandbox subnet, so DNS
+        # to it needs rules of its own.
+        *(
+            rule(
+                "inet",
+                "redirect_to_proxy",
+                f"redirect-dns-{protocol}{suffix}",
+                from_bridge,
+                registered,
+                destination,
+                _match(_field(protocol, "dport"), 53),
+                {"redirect": {"port": config.dns_port}},
+            )
+            for protocol in ("udp", "tcp")
+            for suffix, destination in (("", not_to_sandbox), ("-gateway", to_gateway))
         ),
         rule(
             "inet",

@@ -85,6 +85,7 @@ AGENT_ARP_DROP = "bridge/agent-runner:agent-to-agent-arp-drop"
 REDIRECT_HTTP = "inet/agent-runner:redirect-http"
 REDIRECT_DNS_UDP = "inet/agent-runner:redirect-dns-udp"
 REDIRECT_DNS_TCP = "inet/agent-runner:redirect-dns-tcp"
+REDIRECT_DNS_UDP_GATEWAY = "inet/agent-runner:redirect-dns-udp-gateway"
 TO_PROXY_EXPLICIT = "inet/agent-runner:to-proxy-explicit"
 RULES_USED = (
     EGRESS_DROP,
@@ -95,6 +96,7 @@ RULES_USED = (
     AGENT_ARP_DROP,
     REDIRECT_HTTP,
     REDIRECT_DNS_UDP,
+    REDIRECT_DNS_UDP_GATEWAY,
     REDIRECT_DNS_TCP,
     TO_PROXY_EXPLICIT,
 )
@@ -454,9 +456,17 @@ def test_icmp_dropped(agents: Agents, firewalled: Stack, target: str, rule: str)
     assert deltas.get(rule, 0) >= 1, deltas
 
 
-@pytest.mark.parametrize("server", [FAKE_HOST, SECOND_FAKE_HOST])
+@pytest.mark.parametrize(
+    ("server", "rule"),
+    [
+        pytest.param(FAKE_HOST, REDIRECT_DNS_UDP, id="fake-host"),
+        pytest.param(SECOND_FAKE_HOST, REDIRECT_DNS_UDP, id="second-fake-host"),
+        # The resolver in every agent's resolv.conf.
+        pytest.param(GATEWAY, REDIRECT_DNS_UDP_GATEWAY, id="gateway"),
+    ],
+)
 def test_dns_by_address_goes_to_proxy(
-    agents: Agents, listeners: Listeners, firewalled: Stack, server: str
+    agents: Agents, listeners: Listeners, firewalled: Stack, server: str, rule: str
 ) -> None:
     observation = observe(
         listeners,
@@ -473,7 +483,7 @@ def test_dns_by_address_goes_to_proxy(
         assert (hit.protocol, hit.port, hit.peer) == ("udp", PROXY_DNS_PORT, agents.prober.address)
         assert hit.dns_name == "x.test"
     assert observation.hits_of("fake-host") == []
-    assert observation.deltas.get(REDIRECT_DNS_UDP, 0) >= 1, observation.deltas
+    assert observation.deltas.get(rule, 0) >= 1, observation.deltas
 
 
 def test_dns_over_tcp_goes_to_proxy(

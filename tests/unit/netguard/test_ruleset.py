@@ -89,7 +89,9 @@ def test_rule_comments_in_production_order(config: RulesetConfig) -> None:
         "loopback-from-outside-v6",
         "redirect-http",
         "redirect-dns-udp",
+        "redirect-dns-udp-gateway",
         "redirect-dns-tcp",
+        "redirect-dns-tcp-gateway",
         "host-replies",
         "to-proxy-explicit",
         "to-proxy-redirected-tcp",
@@ -122,6 +124,8 @@ def test_every_rule_in_a_known_chain(config: RulesetConfig) -> None:
         pytest.param("redirect-http", "transparent_port", id="http"),
         pytest.param("redirect-dns-udp", "dns_port", id="dns-udp"),
         pytest.param("redirect-dns-tcp", "dns_port", id="dns-tcp"),
+        pytest.param("redirect-dns-udp-gateway", "dns_port", id="dns-udp-gateway"),
+        pytest.param("redirect-dns-tcp-gateway", "dns_port", id="dns-tcp-gateway"),
     ],
 )
 def test_redirect_port_from_config(config: RulesetConfig, name: str, port_field: str) -> None:
@@ -133,21 +137,28 @@ def test_redirect_port_from_config(config: RulesetConfig, name: str, port_field:
 def test_redirect_only_registered_agents(config: RulesetConfig) -> None:
     redirect_rules = [rule for rule in rules(config) if rule.chain == REDIRECT_CHAIN]
 
-    assert len(redirect_rules) == 3
+    assert len(redirect_rules) == 5
     for rule in redirect_rules:
         assert FROM_BRIDGE in matches(rule), rule.comment
         assert REGISTERED in matches(rule), rule.comment
 
 
-def test_redirect_rules_skip_sandbox_subnet(config: RulesetConfig) -> None:
+def test_redirect_rules_skip_sandbox_subnet_but_the_gateway(config: RulesetConfig) -> None:
     not_to_sandbox = {
         "op": "!=",
         "left": IP_DADDR,
         "right": {"prefix": {"addr": "10.77.0.0", "len": 24}},
     }
+    to_gateway = {"op": "==", "left": IP_DADDR, "right": str(config.gateway)}
 
     for rule in rules(config):
-        if rule.chain == REDIRECT_CHAIN:
+        if rule.chain != REDIRECT_CHAIN:
+            continue
+        if rule.comment.endswith("-gateway"):
+            assert "dns" in rule.comment
+            assert to_gateway in matches(rule), rule.comment
+            assert not_to_sandbox not in matches(rule), rule.comment
+        else:
             assert not_to_sandbox in matches(rule), rule.comment
 
 
