@@ -33,6 +33,24 @@ class Reason(StrEnum):
     ADDRESS_EMBEDDED_IPV4 = "address_embedded_ipv4"
     # Callers: the proxy could not map the connection's source to a registered agent.
     UNKNOWN_AGENT = "unknown_agent"
+    # Requests: the names an agent gives in CONNECT, SNI, Host and the URL must agree.
+    HOST_MISMATCH = "host_mismatch"
+    SNI_MISSING = "sni_missing"
+    PORT_NOT_ALLOWED = "port_not_allowed"
+    PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
+    RESOLUTION_FAILED = "resolution_failed"
+    # The last check before any upstream connection: only addresses approved for the client.
+    UPSTREAM_NOT_APPROVED = "upstream_not_approved"
+    # Limits
+    HEADERS_TOO_LARGE = "headers_too_large"
+    BODY_TOO_LARGE = "body_too_large"
+    RATE_LIMITED = "rate_limited"
+    BANDWIDTH_EXCEEDED = "bandwidth_exceeded"
+    LIMITER_UNAVAILABLE = "limiter_unavailable"
+    # DNS filter
+    DNS_TYPE_REFUSED = "dns_type_refused"
+    DNS_NAME_INVALID = "dns_name_invalid"
+    DNS_MALFORMED = "dns_malformed"
 
 
 @dataclass(frozen=True, kw_only=True)
