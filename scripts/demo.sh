@@ -80,7 +80,7 @@ rm -f "$DEMO/api-keys"
 KEY=$("$BIN/agent-runner" keys create --file "$DEMO/api-keys" --id demo)
 echo "key id 'demo' written to $DEMO/api-keys (hashed)"
 
-say "starting netguard, the supervisor and the gateway (logs in $DEMO)"
+say "starting netguard, the supervisor, the egress proxy and the gateway (logs in $DEMO)"
 API_PORT=$(free_port)
 "$BIN/agent-runner-netguard" >"$DEMO/netguard.log" 2>&1 &
 PIDS+=($!)
@@ -93,6 +93,10 @@ for attempt in $(seq 1 100); do
     sleep 0.2
 done
 "$BIN/agent-runner-supervisor" >"$DEMO/supervisor.log" 2>&1 &
+PIDS+=($!)
+# The proxy listens on the sandbox network's gateway, which the supervisor creates; it waits
+# for it. With no --allowed-domains it denies every request and DNS query of the agent.
+"$BIN/agent-runner-proxy" --confdir "$DEMO/proxy" >"$DEMO/proxy.log" 2>&1 &
 PIDS+=($!)
 "$BIN/agent-runner-api" --api-keys-file "$DEMO/api-keys" --listen-port "$API_PORT" \
     >"$DEMO/api.log" 2>&1 &
@@ -107,7 +111,16 @@ for attempt in $(seq 1 100); do
     fi
     sleep 0.2
 done
+for attempt in $(seq 1 150); do
+    grep -q '"proxy .* started' "$DEMO/proxy.log" && break
+    if ((attempt == 150)); then
+        tail -n 20 "$DEMO/proxy.log" >&2
+        die "the proxy did not start within 30 s; see $DEMO/proxy.log"
+    fi
+    sleep 0.2
+done
 echo "gateway: $API"
+echo "proxy: transparent, explicit and DNS modes on the sandbox gateway; no domain allowed"
 echo "firewall: nftables tables 'inet agent_runner' and 'bridge agent_runner' applied and verified"
 
 say "POST /v1/agents?wait=true"
@@ -139,4 +152,4 @@ for line in sys.stdin:
           event.get("reason_code") or "", sep="  ")
 '
 
-say "done; stopping the gateway, the supervisor and netguard (which removes its tables)"
+say "done; stopping the gateway, the proxy, the supervisor and netguard (which removes its tables)"

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings
 from libs.common.settings import ENV_PREFIX, CommonSettings
 from services.api.settings import ApiSettings
 from services.netguard.settings import NetguardSettings
+from services.proxy.settings import ProxySettings
 from services.supervisor.settings import SupervisorSettings
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -21,6 +22,7 @@ SECTIONS: list[tuple[str, type[BaseSettings], set[str]]] = [
     ("Every service", CommonSettings, set()),
     ("Gateway (`agent-runner-api`)", ApiSettings, set(CommonSettings.model_fields)),
     ("Netguard (`agent-runner-netguard`)", NetguardSettings, set(CommonSettings.model_fields)),
+    ("Proxy (`agent-runner-proxy`)", ProxySettings, set(CommonSettings.model_fields)),
     (
         "Supervisor (`agent-runner-supervisor`)",
         SupervisorSettings,

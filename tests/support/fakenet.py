@@ -281,13 +281,50 @@ def host_listeners(workdir: Path, *, tcp_ports: tuple[int, ...]) -> Iterator[Lis
         yield listener
 
 
+@dataclass(frozen=True)
+class FakeNamespace:
+    """A network namespace with the fake hosts' addresses, joined to the host by a veth pair."""
+
+    namespace: str
+    host_interface: str
+    peer_interface: str
+
+
 @contextlib.contextmanager
 def fake_internet(workdir: Path) -> Iterator[FakeInternet]:
     """Create the fake internet host with listeners; remove all of it on exit.
 
-    Raises FakeNetError when an address of the fake network is already on this host, because
-    another fake internet runs or a killed run left one behind. Also raises it when a route does
-    not lead into the veth pair, since a probe could then leave the machine.
+    Raises FakeNetError as fake_namespace() does, or when a listener cannot bind its ports.
+    """
+    with (
+        fake_namespace() as created,
+        running_listeners(
+            workdir,
+            role="fake-host",
+            tcp_ports=FAKE_HOST_TCP_PORTS,
+            udp_ports=FAKE_HOST_UDP_PORTS,
+            dns_tcp_ports=(53,),
+            dns_answer=FAKE_RESOLVER_ANSWER,
+            namespace=created.namespace,
+        ) as listener,
+    ):
+        yield FakeInternet(
+            namespace=created.namespace,
+            host_interface=created.host_interface,
+            peer_interface=created.peer_interface,
+            listener=listener,
+        )
+
+
+@contextlib.contextmanager
+def fake_namespace() -> Iterator[FakeNamespace]:
+    """Create the fake hosts' namespace, veth pair, addresses and routes; remove them on exit.
+
+    The namespace contains FAKE_HOST, SECOND_FAKE_HOST, LINK_LOCAL_FAKE_HOST and FAKE_HOST_V6 and
+    runs nothing; the caller starts the servers it needs inside it. Raises FakeNetError when an
+    address of the fake network is already on this host, because another fake network runs or
+    a killed run left one behind. Also raises it when a route does not lead into the veth pair,
+    since a probe could then leave the machine.
     """
     _check_addresses_unused()
     name = f"ar-t-{secrets.token_hex(4)}"
@@ -331,22 +368,8 @@ def fake_internet(workdir: Path) -> Iterator[FakeInternet]:
         for address in (FAKE_HOST, SECOND_FAKE_HOST, LINK_LOCAL_FAKE_HOST, FAKE_HOST_V6):
             _check_route(address, host_interface)
 
-        listener = cleanup.enter_context(
-            running_listeners(
-                workdir,
-                role="fake-host",
-                tcp_ports=FAKE_HOST_TCP_PORTS,
-                udp_ports=FAKE_HOST_UDP_PORTS,
-                dns_tcp_ports=(53,),
-                dns_answer=FAKE_RESOLVER_ANSWER,
-                namespace=name,
-            )
-        )
-        yield FakeInternet(
-            namespace=name,
-            host_interface=host_interface,
-            peer_interface=peer_interface,
-            listener=listener,
+        yield FakeNamespace(
+            namespace=name, host_interface=host_interface, peer_interface=peer_interface
         )
 
 

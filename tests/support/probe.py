@@ -158,6 +158,14 @@ class ProbeAgent:
             ]
         )
 
+    def run_host_program(self, command: list[str]) -> ProbeResult:
+        """Run a host program (curl, say) in the agent's network namespace as the agent's user.
+
+        For clients the busybox image lacks. Its packets take the agent's path through the
+        bridge and the firewall; it must bound its own network calls.
+        """
+        return self._in_namespace([f"--setuid={AGENT_UID}", f"--setgid={AGENT_UID}", *command])
+
     def set_neighbour(self, address: str, mac: str) -> None:
         """Add a permanent ARP entry in the agent's namespace, so no ARP request is needed.
 
