@@ -20,6 +20,11 @@ class FailureReason(StrEnum):
     DOWNLOAD_HTTP_STATUS = "download_http_status"
     URL_NOT_ALLOWED = "url_not_allowed"
     DIGEST_MISMATCH = "digest_mismatch"
+    # Signature, checked after the digest when a signing key or trusted root is configured
+    SIGNATURE_MISSING = "signature_missing"
+    SIGNATURE_INVALID = "signature_invalid"
+    SIGNER_NOT_TRUSTED = "signer_not_trusted"
+    SIGNATURE_DIGEST_MISMATCH = "signature_digest_mismatch"
     # Tarball structure, checked before `docker load`
     NOT_A_TAR = "not_a_tar"
     TOO_MANY_MEMBERS = "too_many_members"
