@@ -11,6 +11,7 @@ Subjects (version 1):
 | `agents.v1.start` | request/reply, queue `supervisor` | StartAgentRequest -> StartAgentReply |
 | `agents.v1.host.<host>.stop` | request/reply | StopAgentRequest -> AgentRecordReply |
 | `agents.v1.host.<host>.logs` | request/reply | LogsRequest -> LogsReply |
+| `agents.v1.host.<host>.cache` | request/reply | CachePurgeRequest -> CachePurgeReply |
 | `agents.v1.state.<agent>` | publish | AgentStateChanged |
 | `audit.<service>.<type>` | JetStream stream `AUDIT` | AuditEvent |
 
@@ -68,7 +69,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def host_subject(host_id: str, operation: Literal["stop", "logs"]) -> str:
+def host_subject(host_id: str, operation: Literal["stop", "logs", "cache"]) -> str:
     """Return the request subject that reaches the supervisor on `host_id`."""
     return f"agents.v1.host.{host_id}.{operation}"
 
@@ -230,6 +231,56 @@ class LogsReply(Message):
     agent_id: AgentId
     container_id: str
     lines: list[LogLine]
+
+
+class CachePurgeRequest(Message):
+    """Ask a host's supervisor to evict one cached image (`digest`), or every one when None.
+
+    Images that an agent of the host still uses are skipped, never evicted.
+    """
+
+    kind: Literal["cache_purge"] = "cache_purge"
+    digest: ImageDigest | None = None
+
+
+class PurgedImage(BaseModel):
+    """A cached image that a purge evicted, with its tarball's size in bytes.
+
+    `image_removed` is false when the loaded Docker image was kept because a container or
+    another cached digest still uses it, or because it was not loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    digest: ImageDigest
+    size: int = Field(ge=0)
+    image_removed: bool
+
+
+class PurgeSkipReason(StrEnum):
+    """Reason a purge left an image alone."""
+
+    IN_USE = "in_use"
+    NOT_CACHED = "not_cached"
+    FAILED = "failed"  # the tarball could not be deleted, and the supervisor logged why
+
+
+class SkippedImage(BaseModel):
+    """An image that a purge did not evict, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    digest: ImageDigest
+    reason: PurgeSkipReason
+
+
+class CachePurgeReply(Message):
+    """Images that the supervisor on `host_id` evicted and images that it skipped."""
+
+    kind: Literal["cache_purge_reply"] = "cache_purge_reply"
+    host_id: HostId
+    purged: list[PurgedImage]
+    skipped: list[SkippedImage]
 
 
 class ErrorReply(Message):

@@ -8,14 +8,19 @@ without losing an agent. Keys:
 - `agent-runner:agents`: sorted set of every agent id by creation time, for listing.
 - `agent-runner:host:<host>:active`: ids of the agents a host has not finished yet, which
   the supervisor reconciles after a restart.
+- `agent-runner:cache-hosts`: hosts whose image cache has entries; the supervisor keeps it
+  (services/supervisor/cache.py) and the gateway reads it to purge every host.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis.asyncio as redis
 from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from libs.common.errors import StoreError
@@ -26,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "agent-runner:"
 INDEX_KEY = f"{PREFIX}agents"
+CACHE_HOSTS_KEY = f"{PREFIX}cache-hosts"
 
 
 def _record_key(agent_id: str) -> str:
@@ -36,9 +42,16 @@ def _host_key(host_id: str) -> str:
     return f"{PREFIX}host:{host_id}:active"
 
 
-def connect_redis(settings: CommonSettings) -> redis.Redis:
-    """Return a Redis client for the configured URL; connecting happens on first use."""
+def connect_redis(settings: CommonSettings, *, retries: int | None = None) -> redis.Redis:
+    """Return a Redis client for the configured URL; connecting happens on first use.
+
+    `retries` replaces redis-py's default of ten retries with backoff, for callers that must
+    fail fast (the proxy denies a request when it cannot count it).
+    """
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    options: dict[str, Any] = {}
+    if retries is not None:
+        options["retry"] = Retry(NoBackoff(), retries)
     return redis.Redis.from_url(
         settings.redis_url,
         password=password,
@@ -46,6 +59,7 @@ def connect_redis(settings: CommonSettings) -> redis.Redis:
         socket_connect_timeout=settings.nats_timeout,
         health_check_interval=30,
         decode_responses=True,
+        **options,
     )
 
 
@@ -127,6 +141,14 @@ class AgentStore:
             await self._redis.srem(_host_key(host_id), agent_id)
         except RedisError as exc:
             raise StoreError(f"cannot update active agents of {host_id!r}: {exc}") from exc
+
+    async def cache_hosts(self) -> list[str]:
+        """Return the ids of the hosts whose image cache has at least one entry."""
+        try:
+            members = await self._redis.smembers(CACHE_HOSTS_KEY)
+        except RedisError as exc:
+            raise StoreError(f"cannot list hosts with cached images: {exc}") from exc
+        return sorted(str(member) for member in members)
 
     async def image_id_for(self, digest: str) -> str | None:
         """Return the image ID that a tarball with `digest` was loaded as, if recorded."""

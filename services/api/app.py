@@ -14,6 +14,7 @@ from libs.common import bus
 from libs.common.audit import AuditPublisher
 from libs.common.messages import AuditOutcome
 from libs.common.store import AgentStore, connect_redis
+from services.api import cache_purge
 from services.api.auth import KeyRing
 from services.api.errors import install_error_handlers
 from services.api.middleware import RequestContextMiddleware
@@ -98,6 +99,7 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         passthrough_limit=int(settings.max_passthrough_body),
     )
     app.include_router(router)
+    app.include_router(cache_purge.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:

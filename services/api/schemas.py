@@ -25,8 +25,11 @@ from libs.common.messages import (
     AgentState,
     DomainPattern,
     EnvName,
+    HostId,
     ImageDigest,
     LogLine,
+    PurgedImage,
+    SkippedImage,
     StopReason,
 )
 
@@ -197,3 +200,40 @@ class Health(BaseModel):
     """Minimal liveness response, which reveals nothing about the deployment."""
 
     status: str
+
+
+class PurgeCacheRequest(BaseModel):
+    """Evict one cached image (`digest`) or every one, on one host or on all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    digest: ImageDigest | None = Field(
+        None,
+        description="'sha256:' and the 64 hex digits of the tarball to evict; omit it to "
+        "evict every cached image.",
+    )
+    host_id: HostId | None = Field(
+        None, description="Host whose cache to purge; omit it for every host with cached images."
+    )
+
+
+class HostError(BaseModel):
+    """Error of a host whose supervisor did not purge its cache."""
+
+    code: str
+    message: str
+
+
+class HostPurge(BaseModel):
+    """Purge result of one host; images in use by an agent are skipped."""
+
+    host_id: str
+    purged: list[PurgedImage]
+    skipped: list[SkippedImage]
+    error: HostError | None = None
+
+
+class CachePurgeResult(BaseModel):
+    """Result of a purge, one item per host asked."""
+
+    hosts: list[HostPurge]

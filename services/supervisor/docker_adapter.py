@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ from services.supervisor.settings import SupervisorSettings
 logger = logging.getLogger(__name__)
 
 DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+class ImageRemoval(StrEnum):
+    """Result of `remove_image`."""
+
+    REMOVED = "removed"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +160,44 @@ class DockerAdapter:
             raise DockerUnavailable(f"cannot inspect tag {tag!r}: {exc}") from exc
         except DOCKER_ERRORS as exc:
             raise DockerUnavailable(f"cannot inspect tag {tag!r}: {exc}") from exc
+
+    def containers_using_image(self, image_id: str) -> list[str]:
+        """Return the IDs of our labelled containers, of any host, created from `image_id`."""
+        try:
+            containers = self.client.containers.list(
+                all=True, filters={"label": f"{LABEL_MANAGED}=true", "ancestor": image_id}
+            )
+        except docker.errors.NotFound:
+            return []
+        except DOCKER_ERRORS as exc:
+            raise DockerUnavailable(f"cannot list containers of image {image_id}: {exc}") from exc
+        # The ancestor filter also matches images built on top of this one.
+        return [str(c.id) for c in containers if c.attrs.get("Image") == image_id]
+
+    def remove_image(self, image_id: str) -> ImageRemoval:
+        """Remove the image with exactly this ID, never forcing it.
+
+        Docker refuses (CONFLICT) while any container, running or stopped, uses the image or
+        while several tags name it.
+        """
+        try:
+            self.client.images.remove(image_id, force=False, noprune=False)
+        except docker.errors.ImageNotFound:
+            return ImageRemoval.NOT_FOUND
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                logger.warning(
+                    "docker kept image %s: %s",
+                    image_id,
+                    exc.explanation,
+                    extra={logs.IMAGE_ID: image_id},
+                )
+                return ImageRemoval.CONFLICT
+            raise DockerUnavailable(f"cannot remove image {image_id}: {exc}") from exc
+        except DOCKER_ERRORS as exc:
+            raise DockerUnavailable(f"cannot remove image {image_id}: {exc}") from exc
+        logger.info("removed image %s", image_id, extra={logs.IMAGE_ID: image_id})
+        return ImageRemoval.REMOVED
 
     def load_image(self, path: Path) -> list[str]:
         """Run `docker load` on a checked tarball and return the IDs it reports."""

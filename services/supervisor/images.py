@@ -5,12 +5,14 @@ tarball structure checks, image configuration checks, retag check, `docker load`
 that the loaded image ID equals the config digest named by the manifest. Verified tarballs are
 kept in a content-addressed folder (`<cache_dir>/sha256/<hex>.tar`), so a second start of the
 same digest skips the download; a tarball enters the cache only after every check passed.
+The cache manager (cache_manager.py) records each use and evicts tarballs from that folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from services.supervisor.image_config import check_image_config
 from services.supervisor.tarball import TarballLimits, inspect_image_tarball
 
 logger = logging.getLogger(__name__)
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +71,32 @@ class ImageStore:
     def cached_tarball(self, digest: str) -> Path:
         """Return where the verified tarball of `digest` is or would be kept."""
         return self._blob_dir / f"{digest.removeprefix('sha256:')}.tar"
+
+    def cached_tarballs(self) -> dict[str, os.stat_result]:
+        """Return the digest and file status of every tarball in the cache folder.
+
+        Files whose name is not 64 lower-case hex digits and `.tar` are left out: the cache
+        never writes such names.
+        """
+        found = {}
+        for path in self._blob_dir.glob("*.tar"):
+            if _HEX_DIGEST.fullmatch(path.stem):
+                found[f"sha256:{path.stem}"] = path.stat()
+        return found
+
+    def remove_cached(self, digest: str) -> bool:
+        """Delete the cached tarball of `digest`; return whether it existed.
+
+        Waits for a start that is reading the tarball. Raises OSError when the file cannot be
+        deleted.
+        """
+        with self._lock_for(digest):
+            path = self.cached_tarball(digest)
+            if not path.exists():
+                return False
+            path.unlink()
+        logger.info("deleted cached tarball %s", digest, extra={logs.IMAGE_DIGEST: digest})
+        return True
 
     def remove_partial_downloads(self) -> int:
         """Delete leftovers of downloads interrupted by a crash; return how many."""

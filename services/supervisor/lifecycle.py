@@ -34,6 +34,7 @@ from libs.common.messages import (
 from libs.common.messages import AuditOutcome as Outcome
 from libs.common.sanitize import sanitize_line
 from libs.common.store import AgentStore
+from services.supervisor.cache_manager import CacheManager
 from services.supervisor.container_spec import AgentContainer, create_arguments
 from services.supervisor.docker_adapter import DockerAdapter
 from services.supervisor.errors import (
@@ -67,6 +68,7 @@ class AgentManager:
         *,
         docker: DockerAdapter,
         images: ImageStore,
+        cache: CacheManager,
         store: AgentStore,
         audit: AuditPublisher,
         nats: NatsClient,
@@ -76,6 +78,7 @@ class AgentManager:
         self.settings = settings
         self.docker = docker
         self.images = images
+        self.cache = cache
         self.store = store
         self.audit = audit
         self.nats = nats
@@ -111,6 +114,9 @@ class AgentManager:
             await self.nats.publish(state_subject(record.agent_id), bus.encode(message))
         except Exception as exc:  # the state is in Redis; a lost notice only delays pollers
             logger.warning("cannot publish state of %s: %s", record.agent_id, exc)
+        if record.state in FINAL_STATES:
+            # The agent no longer uses its image, which changes the in-use gauge.
+            await self.cache.refresh_metrics()
 
     async def accept_start(self, request: StartAgentRequest) -> AgentRecord:
         """Take ownership of a requested agent and begin its start in the background.
@@ -164,7 +170,8 @@ class AgentManager:
         with logs.correlation_scope(record.correlation_id):
             async with self._start_slots:
                 try:
-                    await self._run_start(record, request)
+                    async with self.cache.pinned(record.image_digest):
+                        await self._run_start(record, request)
                 except StopRequested:
                     await self.finish(record, StopReason.REQUESTED, exit_code=None)
                 except ImageRejected as exc:
@@ -186,6 +193,7 @@ class AgentManager:
             self.images.resolve, record.image_url, record.image_digest, known_image_id=known
         )
         await self.store.remember_image_id(record.image_digest, resolved.image_id)
+        await self.cache.record_use(resolved)
         record.image_id = resolved.image_id
         self.audit.emit(
             "image.verified",

@@ -1,10 +1,11 @@
 """Supervisor entry point: checks, reconciliation, then the NATS request handlers.
 
 Pipeline at startup: settings, logging, seccomp profile, Docker and the sandbox network,
-NATS and the audit stream, Redis, reconciliation of this host's containers, then the start
-handler (queue group, so any of several supervisors may take a start) and this host's stop
-and logs handlers. On SIGTERM it stops taking requests and leaves running agents alone; the
-next start adopts them.
+NATS and the audit stream, Redis and the metrics endpoint, reconciliation of this host's
+containers and then of its image cache, then the start handler (queue group, so any of
+several supervisors may take a start), this host's stop, logs and cache-purge handlers, and
+the loops that watch agents and evict cached images. On SIGTERM it stops taking requests
+and leaves running agents alone; the next start adopts them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from libs.common.messages import (
     SUBJECT_START,
     AgentRecordReply,
     AuditOutcome,
+    CachePurgeReply,
+    CachePurgeRequest,
     ErrorReply,
     LogsReply,
     LogsRequest,
@@ -40,6 +43,9 @@ from libs.common.messages import (
 )
 from libs.common.settings import Profile, load_settings
 from libs.common.store import AgentStore, connect_redis
+from services.supervisor import metrics
+from services.supervisor.cache import CacheState
+from services.supervisor.cache_manager import CacheManager
 from services.supervisor.docker_adapter import DockerAdapter
 from services.supervisor.download import DownloadLimits
 from services.supervisor.errors import AgentStartError, SupervisorError
@@ -143,6 +149,7 @@ class Handlers:
 
     def __init__(self, manager: AgentManager) -> None:
         self.manager = manager
+        self.cache = manager.cache
 
     async def start(self, msg: Msg) -> BaseModel:
         request = bus.decode(msg.data, StartAgentRequest, subject=msg.subject)
@@ -173,6 +180,16 @@ class Handlers:
             lines=lines,
         )
 
+    async def purge_cache(self, msg: Msg) -> BaseModel:
+        request = bus.decode(msg.data, CachePurgeRequest, subject=msg.subject)
+        result = await self.cache.purge(request.digest)
+        return CachePurgeReply(
+            correlation_id=request.correlation_id,
+            host_id=self.manager.host_id,
+            purged=result.purged,
+            skipped=result.skipped,
+        )
+
 
 async def run(settings: SupervisorSettings) -> None:
     """Run the supervisor until SIGTERM or SIGINT."""
@@ -192,8 +209,20 @@ async def run(settings: SupervisorSettings) -> None:
         await bus.ensure_audit_stream(nats), service=SERVICE, host=settings.host_id
     )
     audit.start()
-    store = AgentStore(connect_redis(settings), final_record_ttl=settings.final_record_ttl)
+    redis_client = connect_redis(settings)
+    store = AgentStore(redis_client, final_record_ttl=settings.final_record_ttl)
     await store.ping()
+    if settings.metrics_port:
+        try:
+            metrics.serve(str(settings.metrics_address), settings.metrics_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {settings.metrics_address}:{settings.metrics_port}: "
+                f"{exc.strerror}; choose another --metrics-port, or 0 to turn metrics off"
+            ) from exc
+        logger.info(
+            "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+        )
     images = ImageStore(
         docker,
         cache_dir=settings.cache_dir,
@@ -219,10 +248,19 @@ async def run(settings: SupervisorSettings) -> None:
         timeout=settings.firewall_registration_timeout,
     )
     await firewall.start()
+    cache = CacheManager(
+        settings,
+        state=CacheState(redis_client, host_id=settings.host_id),
+        images=images,
+        docker=docker,
+        store=store,
+        audit=audit,
+    )
     manager = AgentManager(
         settings,
         docker=docker,
         images=images,
+        cache=cache,
         store=store,
         audit=audit,
         nats=nats,
@@ -236,14 +274,19 @@ async def run(settings: SupervisorSettings) -> None:
         details={"settings": settings.redacted(), "relaxed": list(settings.relaxed_settings())},
     )
     await reconcile(manager)
+    await cache.reconcile()
 
     handlers = Handlers(manager)
     subscriptions = [
         await nats.subscribe(SUBJECT_START, queue=START_QUEUE_GROUP, cb=_serve(handlers.start)),
         await nats.subscribe(host_subject(settings.host_id, "stop"), cb=_serve(handlers.stop)),
         await nats.subscribe(host_subject(settings.host_id, "logs"), cb=_serve(handlers.logs)),
+        await nats.subscribe(
+            host_subject(settings.host_id, "cache"), cb=_serve(handlers.purge_cache)
+        ),
     ]
     watcher = asyncio.create_task(watch_agents(manager), name="watch-agents")
+    evictions = asyncio.create_task(cache.run(), name="image-cache-evictions")
     logger.info("supervisor %s started", settings.host_id)
 
     stopped = asyncio.Event()
@@ -258,6 +301,7 @@ async def run(settings: SupervisorSettings) -> None:
     for subscription in subscriptions:
         await subscription.unsubscribe()
     watcher.cancel()
+    evictions.cancel()
     await manager.close()
     await firewall.close()
     audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)

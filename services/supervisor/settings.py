@@ -11,6 +11,7 @@ from pydantic import ByteSize, Field, model_validator
 from libs.common.settings import CommonSettings
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 DOCKER_SECCOMP_PROFILE = Path("/usr/local/share/agent-runner/docker-default-seccomp.json")
 
 
@@ -131,6 +132,38 @@ class SupervisorSettings(CommonSettings):
     )
     final_record_ttl: int = Field(
         7 * 24 * 3600, gt=0, description="Seconds to keep records of stopped agents."
+    )
+
+    # Image cache limits and eviction, and the metrics endpoint that reports them
+    # (services/supervisor/cache_manager.py, services/supervisor/metrics.py).
+    cache_max_size: ByteSize = Field(
+        ByteSize(10 * GIB),
+        ge=0,
+        description="Total size of cached image tarballs above which the least recently used "
+        "images are evicted (bytes; suffixes accepted). Images that agents use are never "
+        "evicted, so the cache can stay above this size while they run, and a download in "
+        "progress adds up to --image-max-size on top.",
+    )
+    cache_max_age: int = Field(
+        7 * 24 * 3600,
+        gt=0,
+        le=365 * 24 * 3600,
+        description="Seconds since its last use after which a cached image is evicted, "
+        "whatever the cache size.",
+    )
+    cache_eviction_interval: float = Field(
+        300.0,
+        gt=0,
+        le=24 * 3600,
+        description="Seconds between eviction runs; one also runs right after each download.",
+    )
+    metrics_address: IPv4Address = Field(
+        IPv4Address("127.0.0.1"),
+        description="Address of the supervisor's Prometheus metrics (image cache size, hits, "
+        "misses, evictions). Keep it internal: the metrics show how the host is used.",
+    )
+    metrics_port: int = Field(
+        9465, ge=0, le=65535, description="Port of the supervisor's metrics; 0 turns them off."
     )
 
     @model_validator(mode="after")

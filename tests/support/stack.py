@@ -15,9 +15,11 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -28,8 +30,16 @@ from typing import Any
 
 import docker
 import httpx
+import redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The proxy runs under its own user id in tests, so an nftables rule can confine where it
+# connects; no account with this id needs to exist.
+PROXY_UID = 64_321
+# Where the proxy under test may send packets besides loopback and the sandbox subnet: the
+# fake hosts of tests/support (documentation networks and one link-local test address).
+PROXY_ALLOWED_V4 = ("198.51.100.0/24", "203.0.113.0/24", "169.254.42.42")
+PROXY_ALLOWED_V6 = ("2001:db8:100::/64",)
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 HOST_LABEL = "io.agent-runner.host-id"
 
@@ -84,8 +94,11 @@ class Stack:
     bridge: str = "ar-test0"
     netguard: bool = True
     netguard_args: list[str] = field(default_factory=list)
+    proxy: bool = False
+    proxy_args: list[str] = field(default_factory=list)
     api_key: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _confdirs: list[Path] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -125,6 +138,8 @@ class Stack:
         if self.netguard:
             self.start_netguard()
         self.start_supervisor()
+        if self.proxy:
+            self.start_proxy()
         self.start_api()
 
     @property
@@ -149,6 +164,36 @@ class Stack:
             ],
         )
         self._wait_for_log("netguard", "started", timeout=30, offset=offset)
+
+    @property
+    def confinement_table(self) -> str:
+        """Name of the nftables table that confines the proxy's own outbound traffic."""
+        return self.firewall_table + "_out"
+
+    def start_proxy(self, extra: list[str] | None = None) -> None:
+        """Start the proxy as PROXY_UID, confined to the fake hosts, and wait until it listens.
+
+        An `output` rule drops every packet the proxy's user sends anywhere but loopback, the
+        sandbox subnet and the fake hosts' documentation and test addresses, so a proxy bug
+        cannot send a request off this machine.
+        """
+        confine_proxy(self.confinement_table, uid=PROXY_UID, sandbox_subnet=self.subnet)
+        confdir = Path(tempfile.mkdtemp(prefix=f"proxy-{self.host_id}-"))
+        os.chown(confdir, PROXY_UID, PROXY_UID)
+        self._confdirs.append(confdir)
+        offset = self._log("proxy").stat().st_size if self._log("proxy").exists() else 0
+        self._spawn(
+            "proxy",
+            "agent-runner-proxy",
+            [
+                f"--sandbox-subnet={self.subnet}",
+                f"--confdir={confdir}",
+                *self.proxy_args,
+                *(extra or []),
+            ],
+            user=PROXY_UID,
+        )
+        self._wait_for_log("proxy", "started", timeout=30, offset=offset)
 
     def start_nats(self) -> None:
         """Start this stack's nats-server with JetStream and wait until it accepts clients."""
@@ -180,6 +225,7 @@ class Stack:
             f"--sandbox-network={self.network}",
             f"--sandbox-subnet={self.subnet}",
             f"--sandbox-bridge={self.bridge}",
+            "--metrics-port=0",
             *self.supervisor_args,
             *(extra or []),
         ]
@@ -222,15 +268,23 @@ class Stack:
 
     def close(self) -> None:
         """Stop every service and remove every container and the network of this stack."""
-        for name in ("api", "supervisor", "netguard", "nats"):
+        for name in ("api", "proxy", "supervisor", "netguard", "nats"):
             if name in self.processes:
                 self.stop_service(name)
+        subprocess.run(
+            ["nft", "delete", "table", "inet", self.confinement_table],
+            capture_output=True,
+            check=False,
+        )
+        for confdir in self._confdirs:
+            shutil.rmtree(confdir, ignore_errors=True)
         for family in ("inet", "bridge"):
             subprocess.run(
                 ["nft", "delete", "table", family, self.firewall_table],
                 capture_output=True,
                 check=False,
             )
+        self._forget_cache_state()
         client = docker.from_env()
         try:
             for container in client.containers.list(
@@ -240,6 +294,20 @@ class Stack:
             for network in client.networks.list(names=[self.network]):
                 if network.name == self.network:
                     network.remove()
+        finally:
+            client.close()
+
+    def _forget_cache_state(self) -> None:
+        """Delete this host's image-cache keys, which its supervisor wrote to the shared Redis."""
+        url = self.env().get("AGENT_RUNNER_REDIS_URL")
+        if url is None:
+            return
+        client = redis.Redis.from_url(url, password=self.env().get("AGENT_RUNNER_REDIS_PASSWORD"))
+        try:
+            keys = list(client.scan_iter(f"agent-runner:cache:{self.host_id}:*"))
+            if keys:
+                client.delete(*keys)
+            client.srem("agent-runner:cache-hosts", self.host_id)
         finally:
             client.close()
 
@@ -260,10 +328,16 @@ class Stack:
     def _log(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def _spawn(self, name: str, command: str, args: list[str]) -> None:
+    def _spawn(self, name: str, command: str, args: list[str], *, user: int | None = None) -> None:
         log = self._log(name).open("ab")
         self.processes[name] = subprocess.Popen(
-            [VENV_BIN / command, *args], env=self.env(), stdout=log, stderr=log
+            [VENV_BIN / command, *args],
+            env=self.env(),
+            stdout=log,
+            stderr=log,
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
         )
 
     def _check_alive(self, name: str) -> None:
@@ -309,3 +383,20 @@ def wait_for_state(
         if time.monotonic() > deadline:
             raise AssertionError(f"agent {agent_id} stayed {agent.get('state')!r}: {agent}")
         time.sleep(0.1)
+
+
+def confine_proxy(table: str, *, uid: int, sandbox_subnet: str) -> None:
+    """Create table `table` whose output chain drops the proxy's packets to foreign addresses."""
+    v4 = ", ".join(("127.0.0.0/8", sandbox_subnet, *PROXY_ALLOWED_V4))
+    v6 = ", ".join(("::1", *PROXY_ALLOWED_V6))
+    ruleset = (
+        f"table inet {table} {{\n"
+        "  chain output {\n"
+        "    type filter hook output priority -20; policy accept;\n"
+        f"    meta skuid {uid} meta nfproto ipv4 ip daddr != {{ {v4} }} counter drop\n"
+        f"    meta skuid {uid} meta nfproto ipv6 ip6 daddr != {{ {v6} }} counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+    subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True, capture_output=True)

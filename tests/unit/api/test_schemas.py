@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from libs.common.messages import AgentRecord, AgentState
 from services.api.errors import install_error_handlers
-from services.api.schemas import AgentView, CreateAgentRequest
+from services.api.schemas import AgentView, CreateAgentRequest, PurgeCacheRequest
 
 DIGEST = "sha256:" + "ab" * 32
 URL = "https://127.0.0.1/images/agent.tar"
@@ -353,3 +353,37 @@ def test_agent_view_shows_allowed_domains() -> None:
     )
 
     assert AgentView.of(record).allowed_domains == ["example.test", "*.example.test"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="everything"),
+        pytest.param({"digest": DIGEST}, id="one-digest"),
+        pytest.param({"host_id": "host-1"}, id="one-host"),
+        pytest.param({"digest": DIGEST, "host_id": "host-1.example"}, id="digest-on-host"),
+    ],
+)
+def test_purge_body_accepted(fields: dict[str, Any]) -> None:
+    request = PurgeCacheRequest.model_validate(fields)
+
+    assert request.digest == fields.get("digest")
+    assert request.host_id == fields.get("host_id")
+
+
+@pytest.mark.parametrize(
+    ("fields", "location"),
+    [
+        pytest.param({"digest": "sha256:abc"}, "digest", id="short-digest"),
+        pytest.param({"digest": 5}, "digest", id="digest-not-a-string"),
+        pytest.param({"host_id": "host 1"}, "host_id", id="space-in-host"),
+        pytest.param({"host_id": "a.>"}, "host_id", id="nats-wildcard-host"),
+        pytest.param({"host_id": ""}, "host_id", id="empty-host"),
+        pytest.param({"all": True}, "all", id="unknown-field"),
+    ],
+)
+def test_purge_body_rejected(fields: dict[str, Any], location: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        PurgeCacheRequest.model_validate(fields)
+
+    assert error_fields(error) == [location]

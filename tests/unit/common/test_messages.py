@@ -13,6 +13,8 @@ from libs.common.messages import (
     AgentRecord,
     AuditEvent,
     AuditOutcome,
+    CachePurgeReply,
+    CachePurgeRequest,
     FirewallState,
     LogLine,
     LogsRequest,
@@ -375,6 +377,10 @@ def test_host_subject() -> None:
     assert host_subject("host-1", "stop") == "agents.v1.host.host-1.stop"
 
 
+def test_cache_subject() -> None:
+    assert host_subject("host-1", "cache") == "agents.v1.host.host-1.cache"
+
+
 def test_state_subject() -> None:
     assert state_subject(AGENT_ID) == f"agents.v1.state.{AGENT_ID}"
 
@@ -559,3 +565,65 @@ def test_firewall_state_bad_timing_rejected(fields: dict[str, Any]) -> None:
 def test_firewall_subjects() -> None:
     assert firewall_state_subject("host-1") == "netguard.v1.host.host-1.state"
     assert firewall_agents_subject("host-1") == "netguard.v1.host.host-1.agents"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="all-images"),
+        pytest.param({"digest": None}, id="explicit-all"),
+        pytest.param({"digest": DIGEST}, id="one-digest"),
+    ],
+)
+def test_cache_purge_request_accepted(fields: dict[str, Any]) -> None:
+    request = CachePurgeRequest(correlation_id="req-1", **fields)
+
+    assert request.kind == "cache_purge"
+    assert request.digest == fields.get("digest")
+
+
+@pytest.mark.parametrize(
+    ("fields", "location"),
+    [
+        pytest.param({"digest": "sha256:" + "AB" * 32}, "digest", id="upper-case-digest"),
+        pytest.param({"digest": "ab" * 32}, "digest", id="digest-without-prefix"),
+        pytest.param({"digest": "sha512:" + "ab" * 64}, "digest", id="other-algorithm"),
+        pytest.param({"host_id": "host-1"}, "host_id", id="unknown-field"),
+        pytest.param({"schema_version": 2}, "schema_version", id="newer-version"),
+    ],
+)
+def test_cache_purge_request_rejected(fields: dict[str, Any], location: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        CachePurgeRequest.model_validate({"correlation_id": "req-1", **fields})
+
+    assert error_fields(error) == [location]
+
+
+def test_cache_purge_reply_round_trip() -> None:
+    reply = CachePurgeReply(
+        correlation_id="req-1",
+        host_id="host-1",
+        purged=[{"digest": DIGEST, "size": 10, "image_removed": True}],  # type: ignore[list-item]
+        skipped=[{"digest": "sha256:" + "cd" * 32, "reason": "in_use"}],  # type: ignore[list-item]
+    )
+
+    decoded = CachePurgeReply.model_validate_json(reply.model_dump_json())
+
+    assert decoded == reply
+    assert decoded.skipped[0].reason == "in_use"
+
+
+@pytest.mark.parametrize(
+    ("skipped", "location"),
+    [
+        pytest.param({"digest": DIGEST, "reason": "busy"}, "reason", id="unknown-reason"),
+        pytest.param({"digest": DIGEST, "reason": "in_use", "x": 1}, "x", id="unknown-field"),
+    ],
+)
+def test_cache_purge_reply_rejects_unknown_values(skipped: dict[str, Any], location: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        CachePurgeReply.model_validate(
+            {"correlation_id": "req-1", "host_id": "host-1", "purged": [], "skipped": [skipped]}
+        )
+
+    assert [str(detail["loc"][-1]) for detail in error.value.errors()] == [location]
