@@ -12,8 +12,8 @@ from __future__ import annotations
 import dns.rdataclass
 import dns.rdatatype
 
-from services.proxy.decisions import Decision, Reason
-from services.proxy.hosts import MAX_LABEL_LENGTH, MAX_NAME_LENGTH, HostInvalid, normalize_host
+from libs.common.decisions import Decision, Reason
+from libs.common.hosts import MAX_LABEL_LENGTH, MAX_NAME_LENGTH, HostInvalid, normalize_host
 
 ALLOWED_TYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA})
 ALLOWED_CLASS = dns.rdataclass.IN

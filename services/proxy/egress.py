@@ -41,12 +41,12 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from libs.common import logs
 from libs.common.audit import AuditPublisher
+from libs.common.decisions import Decision, Reason
 from libs.common.errors import StoreError
+from libs.common.hosts import HostInvalid, normalize_host, parse_ip_literal
 from libs.common.messages import AgentNetworkPolicy
 from libs.common.registry import AgentRegistry
-from services.proxy.decisions import Decision, Reason
 from services.proxy.dns_checks import check_query, normalized_query_name
-from services.proxy.hosts import HostInvalid, normalize_host, parse_ip_literal
 from services.proxy.limits import Limiter
 from services.proxy.policy import DomainPolicy
 from services.proxy.records import DecisionRecord

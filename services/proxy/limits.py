@@ -30,9 +30,9 @@ import redis.asyncio as redis
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
+from libs.common.decisions import Decision, Reason
 from libs.common.errors import StoreError
 from libs.common.messages import AgentId, HostId
-from services.proxy.decisions import Decision, Reason
 
 KEY_PREFIX = "agent-runner:proxy:"
 # How long a key outlives its window. Every proxy process reads the same host clock, so this

@@ -26,13 +26,13 @@ from mitmproxy.master import Master
 
 from libs.common import bus, logs
 from libs.common.audit import AuditPublisher
+from libs.common.decisions import Decision, Reason
 from libs.common.errors import CommonError, ConfigurationError
 from libs.common.messages import AuditOutcome
 from libs.common.registry import AgentRegistry
 from libs.common.settings import load_settings
 from libs.common.store import connect_redis
 from services.proxy import dns_guard, header_limit
-from services.proxy.decisions import Decision, Reason
 from services.proxy.egress import EgressFilter
 from services.proxy.limits import Limiter, RateLimits
 from services.proxy.records import DecisionRecord

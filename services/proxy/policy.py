@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from services.proxy.addresses import classify
-from services.proxy.decisions import Decision, Reason
-from services.proxy.hosts import HostInvalid, normalize_host, parse_ip_literal
+from libs.common.addresses import classify
+from libs.common.decisions import Decision, Reason
+from libs.common.hosts import HostInvalid, normalize_host, parse_ip_literal
 
 WILDCARD_PREFIX = "*."
 

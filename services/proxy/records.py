@@ -15,9 +15,9 @@ from typing import Any
 
 from libs.common import logs
 from libs.common.audit import AuditPublisher
+from libs.common.decisions import Decision
 from libs.common.messages import AuditOutcome
 from libs.common.sanitize import sanitize_line
-from services.proxy.decisions import Decision
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from libs.common.decisions import Reason
 from libs.common.errors import StoreError
 from libs.common.messages import new_agent_id
 from libs.common.settings import CommonSettings, load_settings
 from libs.common.store import connect_redis
-from services.proxy.decisions import Reason
 from services.proxy.limits import KEY_PREFIX, TTL_MARGIN_SECONDS, Limiter, RateLimits
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from services.proxy.decisions import Reason
+from libs.common.decisions import Reason
 from services.proxy.dns_checks import (
     MAX_ECHOED_CHARACTERS,
     QueryNameInvalid,

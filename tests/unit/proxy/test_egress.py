@@ -15,10 +15,10 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
 
+from libs.common.decisions import Decision, Reason
 from libs.common.errors import StoreError
 from libs.common.messages import AgentNetworkPolicy
 from libs.common.settings import load_settings
-from services.proxy.decisions import Decision, Reason
 from services.proxy.egress import EgressFilter
 from services.proxy.limits import Admission
 from services.proxy.resolver import Answer

@@ -10,8 +10,8 @@ import math
 import pytest
 import redis.asyncio as redis
 
+from libs.common.decisions import Decision
 from libs.common.messages import new_agent_id
-from services.proxy.decisions import Decision
 from services.proxy.limits import Admission, Limiter, RateLimits
 
 VALID: dict[str, object] = {

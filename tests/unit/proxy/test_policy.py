@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
-from services.proxy.decisions import Reason
+from libs.common.decisions import Reason
 from services.proxy.policy import DomainPolicy
 
 POLICY = DomainPolicy(

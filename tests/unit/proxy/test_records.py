@@ -8,9 +8,9 @@ from typing import Any
 import mitmproxy.version
 import pytest
 
+from libs.common.decisions import Decision, Reason
 from libs.common.messages import AuditOutcome
 from services.proxy import header_limit
-from services.proxy.decisions import Decision, Reason
 from services.proxy.records import DecisionRecord
 
 

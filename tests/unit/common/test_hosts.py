@@ -6,7 +6,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from services.proxy.hosts import HostInvalid, normalize_host, parse_ip_literal, parse_ipv4_literal
+from libs.common.hosts import HostInvalid, normalize_host, parse_ip_literal, parse_ipv4_literal
 
 LOOPBACK = IPv4Address("127.0.0.1")
 METADATA = IPv4Address("169.254.169.254")

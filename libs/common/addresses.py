@@ -1,7 +1,7 @@
-"""Classification of the addresses the proxy would connect to.
+"""Classification of the addresses the proxy and the image downloader would connect to.
 
 Whether a host arrives as an IP literal or as a name that DNS resolves, the proxy connects only
-if `classify` allows every address. The denied ranges are an explicit table instead of the
+if `classify` allows every address, and the supervisor applies the same check to image sources. The denied ranges are an explicit table instead of the
 `is_private` and `is_global` properties of `ipaddress`, whose ranges were revised in patch
 releases (3.11.10 and 3.12.4 among them). The table keeps the policy the same on every
 interpreter and in one place.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from services.proxy.decisions import Decision, Reason
+from libs.common.decisions import Decision, Reason
 
 # Ranges not listed here are allowed. That includes the documentation ranges 192.0.2.0/24,
 # 198.51.100.0/24, 203.0.113.0/24 and 2001:db8::/32, because the test suite's fake internet

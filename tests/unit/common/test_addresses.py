@@ -6,8 +6,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from services.proxy.addresses import classify
-from services.proxy.decisions import Reason
+from libs.common.addresses import classify
+from libs.common.decisions import Reason
 
 
 @pytest.mark.parametrize(

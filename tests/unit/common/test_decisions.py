@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.proxy.decisions import Decision, Reason
+from libs.common.decisions import Decision, Reason
 
 
 def test_reason_codes_are_snake_case_values() -> None:

@@ -1,6 +1,7 @@
-"""Decisions of the egress proxy and their fixed reason codes.
+"""Decisions about where agents and the supervisor may connect, and their fixed reason codes.
 
-Every allow or deny the proxy makes for a request ends in one `Decision`. Its `reason` is the
+The egress proxy and the supervisor's image downloader share them. Every allow or deny the
+proxy makes for a request ends in one `Decision`. Its `reason` is the
 code that the audit trail, the logs, the metrics and the tests use, so a released code keeps
 its meaning. `detail` is free text for people and names the offending value.
 """
