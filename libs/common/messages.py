@@ -20,6 +20,7 @@ Any request may instead get an ErrorReply.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -57,6 +58,9 @@ DomainPattern = Annotated[
     ),
 ]
 MAX_ALLOWED_DOMAINS = 256
+# A cosign signature is about 100 base64 characters; a Sigstore bundle a few kilobytes.
+MAX_SIGNATURE_LENGTH = 1024
+MAX_BUNDLE_BYTES = 64 * 1024
 
 
 def new_agent_id() -> str:
@@ -158,6 +162,21 @@ class AgentRecord(BaseModel):
     failure_reason: str | None = None
     failure_message: str | None = None
     allowed_domains: list[str] = Field(default_factory=list)
+    # Who signed the image: "key sha256:<fingerprint>", "sigstore <identity> (<issuer>)", or
+    # "unsigned" where the development profile let an unsigned image run.
+    image_signer: str | None = None
+
+
+def check_bundle_size(bundle: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return `bundle` unless its JSON form is larger than MAX_BUNDLE_BYTES."""
+    if bundle is not None:
+        size = len(json.dumps(bundle, separators=(",", ":")).encode())
+        if size > MAX_BUNDLE_BYTES:
+            raise ValueError(
+                f"image_bundle is {size} bytes of JSON; a Sigstore bundle is at most "
+                f"{MAX_BUNDLE_BYTES} bytes"
+            )
+    return bundle
 
 
 class StartAgentRequest(Message):
@@ -174,6 +193,12 @@ class StartAgentRequest(Message):
     allowed_domains: list[DomainPattern] = Field(
         default_factory=list, max_length=MAX_ALLOWED_DOMAINS
     )
+    image_signature: Annotated[str, StringConstraints(max_length=MAX_SIGNATURE_LENGTH)] | None = (
+        None
+    )
+    image_bundle: dict[str, Any] | None = None
+
+    _check_bundle = field_validator("image_bundle")(check_bundle_size)
 
 
 class StartAgentReply(Message):

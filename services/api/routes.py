@@ -192,6 +192,8 @@ async def _send_start(services: Services, record: AgentRecord, body: CreateAgent
         lifetime_seconds=record.lifetime_seconds,
         env=body.env,
         allowed_domains=record.allowed_domains,
+        image_signature=body.image_signature,
+        image_bundle=body.image_bundle,
     )
     try:
         await bus.request(

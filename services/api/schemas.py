@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import idna
@@ -21,6 +21,7 @@ from pydantic import (
 
 from libs.common.messages import (
     MAX_ALLOWED_DOMAINS,
+    MAX_SIGNATURE_LENGTH,
     AgentRecord,
     AgentState,
     DomainPattern,
@@ -31,6 +32,7 @@ from libs.common.messages import (
     PurgedImage,
     SkippedImage,
     StopReason,
+    check_bundle_size,
 )
 
 MAX_DOMAIN_LENGTH = 253
@@ -138,6 +140,21 @@ class CreateAgentRequest(BaseModel):
         "non-ASCII names), or '*.' and one, which matches every name below it but not the "
         "name itself. IP addresses are rejected. At most 256 entries.",
     )
+    image_signature: (
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_SIGNATURE_LENGTH)] | None
+    ) = Field(
+        None,
+        description="Base64 signature of the tarball by `cosign sign-blob --key` (ECDSA P-256 "
+        "or Ed25519), checked against the supervisor's --image-signing-key.",
+    )
+    image_bundle: dict[str, Any] | None = Field(
+        None,
+        description="Sigstore bundle of the tarball (`cosign sign-blob --bundle`), checked "
+        "offline against the supervisor's trusted root, identity and issuer. At most 64 KiB "
+        "of JSON. Give it or image_signature, not both.",
+    )
+
+    _check_bundle = field_validator("image_bundle")(check_bundle_size)
 
     @field_validator("image_url")
     @classmethod
@@ -174,6 +191,7 @@ class AgentView(BaseModel):
     failure_reason: str | None
     failure_message: str | None
     allowed_domains: list[str]
+    image_signer: str | None = None
 
     @classmethod
     def of(cls, record: AgentRecord) -> AgentView:

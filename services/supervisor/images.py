@@ -1,8 +1,9 @@
 """From image URL and digest to a loaded, verified Docker image ID.
 
 Order of steps, each failing closed: cache lookup, streaming download with digest check,
-tarball structure checks, image configuration checks, retag check, `docker load`, and a check
-that the loaded image ID equals the config digest named by the manifest. Verified tarballs are
+signature check (on every start, cached or not), tarball structure checks, image
+configuration checks, retag check, `docker load`, and a check that the loaded image ID equals
+the config digest named by the manifest. Verified tarballs are
 kept in a content-addressed folder (`<cache_dir>/sha256/<hex>.tar`), so a second start of the
 same digest skips the download; a tarball enters the cache only after every check passed.
 The cache manager (cache_manager.py) records each use and evicts tarballs from that folder.
@@ -16,12 +17,14 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from libs.common import logs
 from services.supervisor.docker_adapter import DockerAdapter
 from services.supervisor.download import DownloadLimits, download_image
 from services.supervisor.errors import FailureReason, ImageRejected
 from services.supervisor.image_config import check_image_config
+from services.supervisor.signatures import SignaturePolicy, Verified, verify_image_signature
 from services.supervisor.tarball import TarballLimits, inspect_image_tarball
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,40 @@ class ResolvedImage:
     digest: str
     downloaded: bool
     loaded: bool
+    # None when the image ran unsigned, which only the development profile allows.
+    signer: Verified | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignatureCheck:
+    """What a start request brings to prove its image's publisher, and whether it must."""
+
+    policy: SignaturePolicy | None
+    required: bool
+    signature: str | None = None
+    bundle: dict[str, Any] | None = None
+
+    def verify(self, tarball: Path, digest: str) -> Verified | None:
+        """Return the signer of `tarball`, or None for an unsigned image that may run.
+
+        Raises ImageRejected when a signature is required or given and does not verify.
+        """
+        given = bool(self.signature and self.signature.strip()) or self.bundle is not None
+        if not given and not self.required:
+            return None
+        if self.policy is None:
+            raise ImageRejected(
+                FailureReason.SIGNER_NOT_TRUSTED,
+                "the request carries a signature, but this supervisor has no signer to check "
+                "it against; set --image-signing-key or --image-signing-trusted-root",
+            )
+        return verify_image_signature(
+            self.policy,
+            tarball=tarball,
+            digest=digest,
+            signature=self.signature,
+            bundle=self.bundle,
+        )
 
 
 class ImageStore:
@@ -106,15 +143,29 @@ class ImageStore:
             removed += 1
         return removed
 
-    def resolve(self, url: str, digest: str, *, known_image_id: str | None) -> ResolvedImage:
+    def resolve(
+        self,
+        url: str,
+        digest: str,
+        *,
+        known_image_id: str | None,
+        signatures: SignatureCheck | None = None,
+    ) -> ResolvedImage:
         """Return a loaded image for `digest`, downloading and checking it when needed.
 
-        `known_image_id` is the ID recorded for this digest by an earlier start, if any.
-        Raises ImageRejected or AgentStartError with a fixed reason; nothing that failed a
-        check is loaded or cached.
+        `known_image_id` is the ID recorded for this digest by an earlier start, if any. The
+        signature is checked on every start, cached or not, because each request brings its
+        own. Raises ImageRejected or AgentStartError with a fixed reason; nothing that failed
+        a check is loaded or cached.
         """
+        check = signatures or SignatureCheck(policy=None, required=False)
         with self._lock_for(digest):
-            if known_image_id and self._docker.image_exists(known_image_id):
+            cached = self.cached_tarball(digest)
+            # An Ed25519 signature covers the whole file, so a loaded image is reused only
+            # while its verified tarball is still cached.
+            reusable = cached.exists() or check.policy is None
+            if known_image_id and reusable and self._docker.image_exists(known_image_id):
+                signer = check.verify(cached, digest)
                 logger.info(
                     "image %s already loaded as %s",
                     digest,
@@ -122,26 +173,35 @@ class ImageStore:
                     extra={logs.IMAGE_DIGEST: digest, logs.IMAGE_ID: known_image_id},
                 )
                 return ResolvedImage(
-                    image_id=known_image_id, digest=digest, downloaded=False, loaded=False
+                    image_id=known_image_id,
+                    digest=digest,
+                    downloaded=False,
+                    loaded=False,
+                    signer=signer,
                 )
-            cached = self.cached_tarball(digest)
             if cached.exists():
                 logger.info(
                     "using cached tarball for %s", digest, extra={logs.IMAGE_DIGEST: digest}
                 )
+                signer = check.verify(cached, digest)
                 image_id = self._verify_and_load(cached, digest)
                 return ResolvedImage(
-                    image_id=image_id, digest=digest, downloaded=False, loaded=True
+                    image_id=image_id, digest=digest, downloaded=False, loaded=True, signer=signer
                 )
+            # Order, each step failing closed: download with streaming hash and digest check,
+            # signature, tarball checks, docker load, loaded ID against the manifest.
             partial = download_image(
                 url, digest=digest, directory=self._partial_dir, limits=self._download_limits
             )
             try:
+                signer = check.verify(partial, digest)
                 image_id = self._verify_and_load(partial, digest)
                 os.replace(partial, cached)
             finally:
                 partial.unlink(missing_ok=True)
-            return ResolvedImage(image_id=image_id, digest=digest, downloaded=True, loaded=True)
+            return ResolvedImage(
+                image_id=image_id, digest=digest, downloaded=True, loaded=True, signer=signer
+            )
 
     def _verify_and_load(self, tarball_path: Path, digest: str) -> str:
         tarball = inspect_image_tarball(tarball_path, limits=self._tarball_limits)

@@ -34,6 +34,7 @@ from libs.common.messages import (
 from libs.common.messages import AuditOutcome as Outcome
 from libs.common.sanitize import sanitize_line
 from libs.common.store import AgentStore
+from services.supervisor import metrics
 from services.supervisor.cache_manager import CacheManager
 from services.supervisor.container_spec import AgentContainer, create_arguments
 from services.supervisor.docker_adapter import DockerAdapter
@@ -44,8 +45,9 @@ from services.supervisor.errors import (
     ImageRejected,
 )
 from services.supervisor.firewall_gate import FirewallGate
-from services.supervisor.images import ImageStore
+from services.supervisor.images import ImageStore, SignatureCheck
 from services.supervisor.settings import SupervisorSettings
+from services.supervisor.signatures import SignaturePolicy, VerificationMethod, Verified
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,10 @@ class AgentManager:
         nats: NatsClient,
         firewall: FirewallGate,
         seccomp_profile: str,
+        signature_policy: SignaturePolicy | None = None,
     ) -> None:
         self.settings = settings
+        self.signature_policy = signature_policy
         self.docker = docker
         self.images = images
         self.cache = cache
@@ -189,12 +193,38 @@ class AgentManager:
 
     async def _run_start(self, record: AgentRecord, request: StartAgentRequest) -> None:
         known = await self.store.image_id_for(record.image_digest)
+        check = SignatureCheck(
+            policy=self.signature_policy,
+            required=self.settings.require_signed_images,
+            signature=request.image_signature,
+            bundle=request.image_bundle,
+        )
         resolved = await asyncio.to_thread(
-            self.images.resolve, record.image_url, record.image_digest, known_image_id=known
+            self.images.resolve,
+            record.image_url,
+            record.image_digest,
+            known_image_id=known,
+            signatures=check,
         )
         await self.store.remember_image_id(record.image_digest, resolved.image_id)
         await self.cache.record_use(resolved)
         record.image_id = resolved.image_id
+        record.image_signer = describe_signer(resolved.signer)
+        if resolved.signer is None:
+            logger.warning(
+                "agent %s runs image %s unsigned (--require-signed-images is off)",
+                record.agent_id,
+                record.image_digest,
+                extra={logs.AGENT_ID: record.agent_id, logs.IMAGE_DIGEST: record.image_digest},
+            )
+            self.audit.emit(
+                "image.unsigned",
+                outcome=Outcome.INFO,
+                actor=ACTOR,
+                agent_id=record.agent_id,
+                reason_code="signature_not_required",
+                details={"image_digest": record.image_digest},
+            )
         self.audit.emit(
             "image.verified",
             outcome=Outcome.SUCCESS,
@@ -205,6 +235,7 @@ class AgentManager:
                 "image_id": resolved.image_id,
                 "downloaded": resolved.downloaded,
                 "loaded": resolved.loaded,
+                "signer": record.image_signer,
             },
         )
         self._check_stop(record)
@@ -443,8 +474,21 @@ class AgentManager:
         return [] if kept is None else _log_lines.validate_json(kept)[-tail:]
 
     def _audit_image_rejected(self, record: AgentRecord, exc: ImageRejected) -> None:
+        logger.warning(
+            "image %s of agent %s failed verification: %s: %s",
+            record.image_digest,
+            record.agent_id,
+            exc.reason.value,
+            exc.message,
+            extra={
+                logs.AGENT_ID: record.agent_id,
+                logs.IMAGE_DIGEST: record.image_digest,
+                logs.REASON: exc.reason.value,
+            },
+        )
+        metrics.VERIFICATION_FAILURES.labels(reason=exc.reason.value).inc()
         self.audit.emit(
-            "image.rejected",
+            "image.verification_failed",
             outcome=Outcome.DENIED,
             actor=ACTOR,
             agent_id=record.agent_id,
@@ -454,3 +498,12 @@ class AgentManager:
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._agent_locks.setdefault(agent_id, asyncio.Lock())
+
+
+def describe_signer(signer: Verified | None) -> str:
+    """Return the signer as the agent record shows it."""
+    if signer is None:
+        return "unsigned"
+    if signer.method is VerificationMethod.SIGSTORE:
+        return f"sigstore {signer.identity} ({signer.issuer})"
+    return f"key {signer.key_fingerprint}"

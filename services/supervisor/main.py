@@ -53,6 +53,7 @@ from services.supervisor.firewall_gate import FirewallGate
 from services.supervisor.images import ImageStore
 from services.supervisor.lifecycle import AgentManager
 from services.supervisor.settings import SupervisorSettings
+from services.supervisor.signatures import SignaturePolicy
 from services.supervisor.tarball import TarballLimits
 from services.supervisor.watch import reconcile, watch_agents
 
@@ -140,6 +141,42 @@ def _serve(handler: Handler) -> Callable[[Msg], Awaitable[None]]:
     return callback
 
 
+def load_signature_policy(settings: SupervisorSettings) -> SignaturePolicy | None:
+    """Return the configured signers, or None when none is configured (development only).
+
+    Raises ConfigurationError naming the key file or option at fault, and when signatures
+    are required but no signer is configured.
+    """
+    if not settings.image_signing_key and settings.image_signing_trusted_root is None:
+        if settings.require_signed_images:
+            raise ConfigurationError(
+                "--require-signed-images is on but no signer is configured; set "
+                "--image-signing-key or --image-signing-trusted-root (with "
+                "--image-signing-identity and --image-signing-issuer), or use --profile "
+                "development to run unsigned images"
+            )
+        logger.warning(
+            "no image signer is configured (--image-signing-key, --image-signing-trusted-root); "
+            "images run unsigned, which only the development profile allows"
+        )
+        return None
+    try:
+        policy = SignaturePolicy.from_files(
+            key_files=settings.image_signing_key,
+            trusted_root=settings.image_signing_trusted_root,
+            identity=settings.image_signing_identity,
+            issuer=settings.image_signing_issuer,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    if not settings.require_signed_images:
+        logger.warning(
+            "--require-signed-images is off: images without a signature run, and only "
+            "signatures that are given are checked"
+        )
+    return policy
+
+
 def _error(correlation_id: str, code: str, message: str) -> ErrorReply:
     return ErrorReply(correlation_id=correlation_id, code=code, message=message)
 
@@ -201,6 +238,7 @@ async def run(settings: SupervisorSettings) -> None:
             settings.bind_address,
         )
     seccomp_profile = load_seccomp_profile(settings.seccomp_profile)
+    signature_policy = load_signature_policy(settings)
     docker = DockerAdapter.from_environment()
     docker.ensure_sandbox_network(settings)
 
@@ -266,6 +304,7 @@ async def run(settings: SupervisorSettings) -> None:
         nats=nats,
         firewall=firewall,
         seccomp_profile=seccomp_profile,
+        signature_policy=signature_policy,
     )
     audit.emit(
         "service.started",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -80,6 +80,12 @@ class CacheCollector(Collector):
 
 CACHE = CacheCollector()
 REGISTRY.register(CACHE)
+VERIFICATION_FAILURES = Counter(
+    "agent_runner_image_verification_failures",
+    "Image starts rejected by a download, signature, tarball or load check, by reason code.",
+    labelnames=["reason"],
+    registry=REGISTRY,
+)
 
 
 def serve(address: str, port: int) -> None:

@@ -18,7 +18,10 @@ DOCKER_SECCOMP_PROFILE = Path("/usr/local/share/agent-runner/docker-default-secc
 class SupervisorSettings(CommonSettings):
     """Everything the supervisor needs to download images and run hardened containers."""
 
-    development_defaults: ClassVar[dict[str, Any]] = {"allow_http_image_urls": True}
+    development_defaults: ClassVar[dict[str, Any]] = {
+        "allow_http_image_urls": True,
+        "require_signed_images": False,
+    }
 
     container_memory_limit: ByteSize = Field(
         ByteSize(512 * MIB),
@@ -132,6 +135,32 @@ class SupervisorSettings(CommonSettings):
     )
     final_record_ttl: int = Field(
         7 * 24 * 3600, gt=0, description="Seconds to keep records of stopped agents."
+    )
+
+    # Image signatures (services/supervisor/signatures.py).
+    require_signed_images: bool = Field(
+        True,
+        description="Run only images whose tarball carries a valid signature by a configured "
+        "key or Sigstore identity. Development profile: false, and each unsigned image is "
+        "logged as a warning and audited (image.unsigned).",
+    )
+    image_signing_key: list[Path] = Field(
+        default_factory=list,
+        description="PEM public key (ECDSA P-256 or Ed25519) whose cosign sign-blob "
+        "signatures are accepted; repeat for several keys.",
+    )
+    image_signing_trusted_root: Path | None = Field(
+        None,
+        description="Sigstore trusted_root.json for verifying certificate bundles offline; "
+        "needs --image-signing-identity and --image-signing-issuer.",
+    )
+    image_signing_identity: str | None = Field(
+        None,
+        description="Exact signer identity (certificate e-mail or URI) that Sigstore bundles "
+        "must carry.",
+    )
+    image_signing_issuer: str | None = Field(
+        None, description="Exact OIDC issuer that Sigstore bundles must carry."
     )
 
     # Image cache limits and eviction, and the metrics endpoint that reports them

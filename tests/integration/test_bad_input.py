@@ -38,6 +38,7 @@ from tests.support.images import (
     build_echo_agent_image,
     save_image_tarball,
 )
+from tests.support.signing import make_ecdsa_key, write_public_key
 from tests.support.stack import HOST_LABEL, VENV_BIN, FileServer, Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -201,9 +202,13 @@ def limit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack in the production profile, whose gateway rejects http:// image URLs."""
+    workdir = tmp_path_factory.mktemp("production-stack")
+    # The production profile requires a signer; this key signs nothing the tests start.
+    key = write_public_key(make_ecdsa_key(), workdir / "signing.pub")
     with running_stack(
-        tmp_path_factory.mktemp("production-stack"),
+        workdir,
         profile="production",
+        supervisor_args=[f"--image-signing-key={key}"],
         network="agent-runner-test3",
         subnet="172.29.2.0/24",
         bridge="ar-test2",
@@ -505,7 +510,7 @@ def test_wrong_digest_fails_mismatch(
         image_ids=(config_digest(crafting_base.path),),
     )
     events = [e for e in audit_events(leftovers.stack) if e["agent_id"] == agent["agent_id"]]
-    rejected = [event for event in events if event["type"] == "image.rejected"]
+    rejected = [event for event in events if event["type"] == "image.verification_failed"]
     assert [event["reason_code"] for event in rejected] == ["digest_mismatch"], events
 
 

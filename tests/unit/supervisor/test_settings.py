@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from libs.common.errors import ConfigurationError
 from libs.common.settings import Profile, load_settings
+from services.supervisor.main import load_signature_policy
 from services.supervisor.settings import SupervisorSettings
+from tests.support.signing import make_ecdsa_key, make_ed25519_key, write_public_key
 
 GIB = 1024**3
 MIB = 1024**2
@@ -113,7 +116,10 @@ def test_production_relaxes_nothing(caplog: pytest.LogCaptureFixture) -> None:
 def test_development_relaxes_listed_settings() -> None:
     settings = load_settings(SupervisorSettings, ["--profile", "development"])
 
-    assert settings.relaxed_settings() == {"allow_http_image_urls": True}
+    assert settings.relaxed_settings() == {
+        "allow_http_image_urls": True,
+        "require_signed_images": False,
+    }
 
 
 def test_development_changes_nothing_else() -> None:
@@ -144,7 +150,10 @@ def test_development_warns_per_relaxed_setting(caplog: pytest.LogCaptureFixture)
         settings.warn_if_relaxed()
 
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert [record.__dict__["setting"] for record in warnings] == ["allow_http_image_urls"]
+    assert [record.__dict__["setting"] for record in warnings] == [
+        "allow_http_image_urls",
+        "require_signed_images",
+    ]
     assert "allow_http_image_urls" in warnings[0].getMessage()
 
 
@@ -154,7 +163,7 @@ def test_development_keeps_explicit_flag() -> None:
     )
 
     assert settings.allow_http_image_urls is False
-    assert settings.relaxed_settings() == {}
+    assert settings.relaxed_settings() == {"require_signed_images": False}
 
 
 def test_development_keeps_explicit_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +172,7 @@ def test_development_keeps_explicit_environment(monkeypatch: pytest.MonkeyPatch)
     settings = load_settings(SupervisorSettings, ["--profile", "development"])
 
     assert settings.allow_http_image_urls is False
-    assert settings.relaxed_settings() == {}
+    assert settings.relaxed_settings() == {"require_signed_images": False}
 
 
 @pytest.mark.parametrize(
@@ -219,3 +228,43 @@ def test_disk_limit_error_names_both_limits() -> None:
 
     assert "--container-memory-limit" in str(error.value)
     assert str(GIB) in str(error.value)
+
+
+def test_production_requires_a_signer() -> None:
+    settings = load_settings(SupervisorSettings, [])
+
+    with pytest.raises(ConfigurationError) as error:
+        load_signature_policy(settings)
+
+    assert "--image-signing-key" in str(error.value)
+    assert "--image-signing-trusted-root" in str(error.value)
+
+
+def test_development_runs_unsigned_without_a_signer() -> None:
+    settings = load_settings(SupervisorSettings, ["--profile", "development"])
+
+    assert settings.require_signed_images is False
+    assert load_signature_policy(settings) is None
+
+
+def test_signing_key_loaded(tmp_path: Path) -> None:
+    first = write_public_key(make_ecdsa_key(), tmp_path / "first.pub")
+    second = write_public_key(make_ed25519_key(), tmp_path / "second.pub")
+    settings = load_settings(
+        SupervisorSettings, ["--image-signing-key", str(first), "--image-signing-key", str(second)]
+    )
+
+    policy = load_signature_policy(settings)
+
+    assert policy is not None
+    assert len(policy.keys) == 2
+
+
+def test_unreadable_signing_key_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pub"
+    settings = load_settings(SupervisorSettings, ["--image-signing-key", str(missing)])
+
+    with pytest.raises(ConfigurationError) as error:
+        load_signature_policy(settings)
+
+    assert str(missing) in str(error.value)
