@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> None:
         resources.callback(client.close)
         image = resources.enter_context(echo_image(client, folder))
         stack = resources.enter_context(
-            bench_stack(client, folder, args, netguard_args=netguard_args)
+            bench_stack(client, folder, args, image_url=image.url, netguard_args=netguard_args)
         )
         # The supervisor has created the sandbox network, so the gateway address exists.
         sink = resources.enter_context(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import docker
 import docker.errors
@@ -38,6 +39,12 @@ DEFAULT_SUBNET = "172.29.9.0/24"
 DEFAULT_BRIDGE = "ar-bench0"
 # The echo agent exits on SIGTERM at once; a short grace keeps a stuck stop from stalling a run.
 SUPERVISOR_ARGS = ["--agent-stop-grace=2"]
+API_ARGS = [
+    "--rate-limit=1000000",
+    "--rate-limit-burst=1000000",
+    "--global-rate-limit=1000000",
+    "--global-rate-limit-burst=1000000",
+]
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 LOG_TAIL_LINES = 20
@@ -162,6 +169,7 @@ def bench_stack(
     folder: Path,
     args: argparse.Namespace,
     *,
+    image_url: str,
     netguard_args: list[str] | None = None,
 ) -> Iterator[Stack]:
     """Run a gateway, a supervisor, netguard and a nats-server on the benchmark's own network.
@@ -177,9 +185,17 @@ def bench_stack(
             "using it. Pass --sandbox-network, --sandbox-subnet and --sandbox-bridge to pick "
             "another one"
         )
+    source = urlsplit(image_url)
     with running_stack(
         folder / "stack",
-        supervisor_args=SUPERVISOR_ARGS,
+        # The image comes from a loopback file server, which the supervisor refuses unless a
+        # trusted source names it.
+        supervisor_args=[
+            *SUPERVISOR_ARGS,
+            f"--trusted-image-sources={source.scheme}://{source.netloc}/",
+        ],
+        # One benchmark client sends thousands of requests a second from one address.
+        api_args=API_ARGS,
         host_id=f"bench-{uuid.uuid4().hex[:8]}",
         network=args.sandbox_network,
         subnet=args.sandbox_subnet,
@@ -282,7 +298,7 @@ def echo_session(args: argparse.Namespace) -> Iterator[EchoSession]:
         client = docker.from_env(timeout=120)
         resources.callback(client.close)
         image = resources.enter_context(echo_image(client, folder))
-        stack = resources.enter_context(bench_stack(client, folder, args))
+        stack = resources.enter_context(bench_stack(client, folder, args, image_url=image.url))
         api = resources.enter_context(
             httpx.Client(base_url=stack.api_url, headers=stack.headers, trust_env=False)
         )

@@ -68,6 +68,29 @@ DIGEST=$(<"$DEMO/www/echo-agent.digest")
 echo "tarball: $DEMO/www/echo-agent.tar"
 echo "digest:  $DIGEST"
 
+say "signing the tarball as its publisher would with cosign sign-blob --key"
+# A fresh ECDSA P-256 key; the supervisor gets its public half and checks the signature.
+SIGNATURE=$("$BIN/python" - "$DEMO/www/echo-agent.tar" "$DEMO/publisher.pub" <<'PY'
+import base64, hashlib, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+tarball, public_path = sys.argv[1], sys.argv[2]
+key = ec.generate_private_key(ec.SECP256R1())
+digest = hashlib.sha256()
+with open(tarball, "rb") as handle:
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
+signature = key.sign(digest.digest(), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+with open(public_path, "wb") as handle:
+    handle.write(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+print(base64.b64encode(signature).decode())
+PY
+)
+echo "public key: $DEMO/publisher.pub"
+echo "signature:  $SIGNATURE"
+
 WWW_PORT=$(free_port)
 "$BIN/python" -m http.server --bind 127.0.0.1 --directory "$DEMO/www" "$WWW_PORT" \
     >"$DEMO/www.log" 2>&1 &
@@ -92,7 +115,9 @@ for attempt in $(seq 1 100); do
     fi
     sleep 0.2
 done
-"$BIN/agent-runner-supervisor" >"$DEMO/supervisor.log" 2>&1 &
+# Loopback image hosts are refused unless a trusted source names the address itself.
+"$BIN/agent-runner-supervisor" --trusted-image-sources "http://127.0.0.1:$WWW_PORT/" \
+    --image-signing-key "$DEMO/publisher.pub" >"$DEMO/supervisor.log" 2>&1 &
 PIDS+=($!)
 # The proxy listens on the sandbox network's gateway, which the supervisor creates; it waits
 # for it. With no --allowed-domains it denies every request and DNS query of the agent.
@@ -126,7 +151,7 @@ echo "firewall: nftables tables 'inet agent_runner' and 'bridge agent_runner' ap
 say "POST /v1/agents?wait=true"
 AGENT=$(curl -fsS -X POST "$API/v1/agents?wait=true" -H "X-API-Key: $KEY" \
     -H 'Content-Type: application/json' \
-    -d "{\"image_url\": \"$IMAGE_URL\", \"image_digest\": \"$DIGEST\", \"lifetime_seconds\": 300}")
+    -d "{\"image_url\": \"$IMAGE_URL\", \"image_digest\": \"$DIGEST\", \"image_signature\": \"$SIGNATURE\", \"lifetime_seconds\": 300}")
 echo "$AGENT" | show_json
 AGENT_ID=$(echo "$AGENT" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["agent_id"])')
 STATE=$(echo "$AGENT" | "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["state"])')

@@ -1,9 +1,10 @@
 """Classification of the addresses the proxy and the image downloader would connect to.
 
 Whether a host arrives as an IP literal or as a name that DNS resolves, the proxy connects only
-if `classify` allows every address, and the supervisor applies the same check to image sources. The denied ranges are an explicit table instead of the
-`is_private` and `is_global` properties of `ipaddress`, whose ranges were revised in patch
-releases (3.11.10 and 3.12.4 among them). The table keeps the policy the same on every
+if `classify` allows every address, and the supervisor applies the same check to image
+sources. The denied ranges are an explicit table instead of the `is_private` and `is_global`
+properties of `ipaddress`, whose ranges were revised in patch releases (3.11.10 and 3.12.4
+among them). The table keeps the policy the same on every
 interpreter and in one place.
 """
 

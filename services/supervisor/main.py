@@ -50,6 +50,7 @@ from services.supervisor.docker_adapter import DockerAdapter
 from services.supervisor.download import DownloadLimits
 from services.supervisor.errors import AgentStartError, SupervisorError
 from services.supervisor.firewall_gate import FirewallGate
+from services.supervisor.image_sources import parse_trusted_sources
 from services.supervisor.images import ImageStore
 from services.supervisor.lifecycle import AgentManager
 from services.supervisor.settings import SupervisorSettings
@@ -177,6 +178,28 @@ def load_signature_policy(settings: SupervisorSettings) -> SignaturePolicy | Non
     return policy
 
 
+def download_limits(settings: SupervisorSettings) -> DownloadLimits:
+    """Return the download bounds and image source policy; warn when no source is set."""
+    if not settings.trusted_image_sources:
+        logger.warning(
+            "no --trusted-image-sources: images may come from any host whose addresses are "
+            "public; set the URL prefixes of your image servers"
+        )
+    return DownloadLimits(
+        max_size=int(settings.image_max_size),
+        connect_timeout=settings.download_connect_timeout,
+        read_timeout=settings.download_read_timeout,
+        total_timeout=settings.download_total_timeout,
+        allow_http=settings.allow_http_image_urls,
+        trusted_sources=tuple(
+            parse_trusted_sources(
+                settings.trusted_image_sources, allow_http=settings.allow_http_image_urls
+            )
+        ),
+        max_redirects=settings.image_max_redirects,
+    )
+
+
 def _error(correlation_id: str, code: str, message: str) -> ErrorReply:
     return ErrorReply(correlation_id=correlation_id, code=code, message=message)
 
@@ -264,13 +287,7 @@ async def run(settings: SupervisorSettings) -> None:
     images = ImageStore(
         docker,
         cache_dir=settings.cache_dir,
-        download_limits=DownloadLimits(
-            max_size=int(settings.image_max_size),
-            connect_timeout=settings.download_connect_timeout,
-            read_timeout=settings.download_read_timeout,
-            total_timeout=settings.download_total_timeout,
-            allow_http=settings.allow_http_image_urls,
-        ),
+        download_limits=download_limits(settings),
         tarball_limits=TarballLimits(
             max_members=settings.image_max_members,
             max_total_size=int(settings.image_max_size),

@@ -9,6 +9,8 @@ from typing import Any, ClassVar, Self
 from pydantic import ByteSize, Field, model_validator
 
 from libs.common.settings import CommonSettings
+from services.supervisor.download import DEFAULT_MAX_REDIRECTS
+from services.supervisor.image_sources import parse_trusted_sources
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -136,6 +138,35 @@ class SupervisorSettings(CommonSettings):
     final_record_ttl: int = Field(
         7 * 24 * 3600, gt=0, description="Seconds to keep records of stopped agents."
     )
+
+    # Trusted image sources (services/supervisor/image_sources.py, download.py).
+    trusted_image_sources: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes (scheme, host, optional port, path) that images may be "
+        "downloaded from, such as https://images.example.com/agents/; repeat the flag or "
+        "separate entries with commas. A URL and every redirect target must have a source's "
+        "scheme, host and port and a path under its path at a '/' boundary. Empty, the "
+        "default, allows any host; production deployments should set it. Hosts that resolve "
+        "to loopback, private, link-local or other internal addresses are refused either way, "
+        "unless a source names the address itself (http://127.0.0.1:8080/). http:// sources "
+        "need --allow-http-image-urls.",
+    )
+    image_max_redirects: int = Field(
+        DEFAULT_MAX_REDIRECTS,
+        ge=0,
+        le=20,
+        description="Redirects followed per image download, each target checked like the URL "
+        "itself; 0 refuses every redirect.",
+    )
+
+    @model_validator(mode="after")
+    def _check_trusted_image_sources(self) -> Self:
+        # Stored in canonical form, which the startup log and the download checks both use.
+        sources = parse_trusted_sources(
+            self.trusted_image_sources, allow_http=self.allow_http_image_urls
+        )
+        self.trusted_image_sources = [source.url for source in sources]
+        return self
 
     # Image signatures (services/supervisor/signatures.py).
     require_signed_images: bool = Field(

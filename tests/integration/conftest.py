@@ -11,13 +11,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import docker
 import httpx
 import pytest
 
 from tests.support.images import build_echo_agent_image, save_image_tarball
-from tests.support.stack import REPO_ROOT, FileServer, Stack, running_stack
+from tests.support.stack import REPO_ROOT, FileServer, Stack, free_port, running_stack
 
 ENV_FILE = REPO_ROOT / "var" / "agent-runner.env"
 
@@ -77,10 +78,35 @@ def echo_tarball(docker_client: docker.DockerClient, served: FileServer) -> Iter
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def unreachable_url() -> str:
+    """An image URL that the session stack trusts but where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}/image.tar"
+
+
+def trusted_sources(*urls: str) -> list[str]:
+    """Return supervisor flags that trust the origin of each URL.
+
+    The supervisor refuses loopback image URLs unless a trusted source names the address, so
+    every stack lists the test file servers it downloads from.
+    """
+    flags = []
+    for url in urls:
+        parts = urlsplit(url)
+        flags.append(f"--trusted-image-sources={parts.scheme}://{parts.netloc}/")
+    return flags
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, served: FileServer, unreachable_url: str
+) -> Iterator[Stack]:
     with running_stack(
         tmp_path_factory.mktemp("stack"),
-        supervisor_args=["--agent-start-timeout=10", "--agent-stop-grace=2"],
+        supervisor_args=[
+            "--agent-start-timeout=10",
+            "--agent-stop-grace=2",
+            *trusted_sources(served.url(""), unreachable_url),
+        ],
     ) as running:
         yield running
 

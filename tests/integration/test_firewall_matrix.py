@@ -28,7 +28,7 @@ import docker
 import httpx
 import pytest
 
-from tests.integration.conftest import Tarball, make_tarball
+from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.fakenet import (
     FAKE_HOST,
     FAKE_HOST_V6,
@@ -222,7 +222,10 @@ def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
 
 @pytest.fixture(scope="module")
 def fw_stack(
-    tmp_path_factory: pytest.TempPathFactory, probe_tarball: Tarball, listeners: Listeners
+    tmp_path_factory: pytest.TempPathFactory,
+    probe_tarball: Tarball,
+    listeners: Listeners,
+    served: FileServer,
 ) -> Iterator[Stack]:
     # The stack starts with the firewall disabled for the control phase. The `firewalled`
     # fixture restarts netguard with the firewall on.
@@ -232,7 +235,11 @@ def fw_stack(
         subnet=SUBNET,
         bridge=BRIDGE,
         netguard_args=["--disable-firewall"],
-        supervisor_args=["--agent-start-timeout=20", "--agent-stop-grace=2"],
+        supervisor_args=[
+            "--agent-start-timeout=20",
+            "--agent-stop-grace=2",
+            *trusted_sources(served.url("")),
+        ],
     ) as stack:
         yield stack
 

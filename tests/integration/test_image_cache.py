@@ -28,7 +28,7 @@ from libs.common.settings import CommonSettings, load_settings
 from libs.common.store import AgentStore, connect_redis
 from services.supervisor.cache import CacheState, CacheTotals
 from services.supervisor.eviction import CacheEntry, EvictionReason
-from tests.integration.conftest import Tarball, make_tarball
+from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.images import (
     ECHO_AGENT_ENTRYPOINT,
     build_busybox_image,
@@ -85,6 +85,7 @@ def cache_stack(
                 "--agent-stop-grace=2",
                 f"--cache-max-size={2 * largest + largest // 2}",
                 f"--metrics-port={metrics_port}",
+                *trusted_sources(served.url("")),
             ],
         ) as stack:
             yield CacheStack(stack, metrics_port, tarballs, image_ids)

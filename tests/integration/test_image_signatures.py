@@ -3,7 +3,8 @@
 The production stack trusts one ECDSA P-256 key, one Ed25519 key and a private Sigstore
 instance with a pinned identity and issuer, all made by the test (tests/support/signing.py);
 nothing reaches a public Sigstore service. Its supervisor accepts http:// image URLs
-explicitly, because the tarballs are served from 127.0.0.1. Each rejection is checked for its
+explicitly and trusts the file server's origin as an image source, because the tarballs are
+served from 127.0.0.1. Each rejection is checked for its
 reason code, its audit event, and that nothing was loaded or cached.
 """
 
@@ -22,7 +23,7 @@ import docker
 import httpx
 import pytest
 
-from tests.integration.conftest import Tarball, make_tarball
+from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.images import ECHO_AGENT_ENTRYPOINT, build_busybox_image, echo_agent_files
 from tests.support.signing import (
     SigstoreInstance,
@@ -107,14 +108,18 @@ def images(
 
 
 @pytest.fixture(scope="module")
-def production(tmp_path_factory: pytest.TempPathFactory, signers: Signers) -> Iterator[Stack]:
+def production(
+    tmp_path_factory: pytest.TempPathFactory,
+    signers: Signers,
+    images: tuple[Images, FileServer],
+) -> Iterator[Stack]:
     with running_stack(
         tmp_path_factory.mktemp("signed-stack"),
         profile="production",
         network="agent-runner-signed",
         subnet="172.29.14.0/24",
         bridge="ar-signed0",
-        api_args=["--allow-http-image-urls"],
+        api_args=["--allow-http-image-urls", "--insecure-http"],
         supervisor_args=[
             "--allow-http-image-urls",
             f"--image-signing-key={signers.folder / 'ecdsa.pub'}",
@@ -123,6 +128,7 @@ def production(tmp_path_factory: pytest.TempPathFactory, signers: Signers) -> It
             f"--image-signing-identity={IDENTITY}",
             f"--image-signing-issuer={ISSUER}",
             "--agent-start-timeout=20",
+            *trusted_sources(images[1].url("")),
         ],
     ) as stack:
         yield stack
@@ -352,6 +358,7 @@ def test_unsigned_image_runs_in_development_with_warning(
             network="agent-runner-unsigned",
             subnet="172.29.15.0/24",
             bridge="ar-unsigned0",
+            supervisor_args=trusted_sources(tarball.url),
         ) as stack,
         httpx.Client(base_url=stack.api_url, headers=stack.headers, timeout=60) as client,
     ):

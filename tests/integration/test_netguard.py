@@ -16,8 +16,15 @@ import httpx
 import pytest
 
 from services.netguard.ruleset import RulesetConfig, rules
-from tests.integration.conftest import Tarball
-from tests.support.stack import VENV_BIN, Stack, free_port, running_stack, wait_for_state
+from tests.integration.conftest import Tarball, trusted_sources
+from tests.support.stack import (
+    VENV_BIN,
+    FileServer,
+    Stack,
+    free_port,
+    running_stack,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +33,18 @@ METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def guarded(tmp_path_factory: pytest.TempPathFactory, served: FileServer) -> Iterator[Stack]:
     with running_stack(
         tmp_path_factory.mktemp("netguard"),
         network="agent-runner-ng",
         subnet=SUBNET,
         bridge="ar-ng0",
         netguard_args=[f"--metrics-port={METRICS_PORT}"],
-        supervisor_args=["--agent-start-timeout=10", "--agent-stop-grace=2"],
+        supervisor_args=[
+            "--agent-start-timeout=10",
+            "--agent-stop-grace=2",
+            *trusted_sources(served.url("")),
+        ],
     ) as stack:
         yield stack
 

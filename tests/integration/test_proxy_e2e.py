@@ -35,7 +35,7 @@ import pytest
 from libs.common.settings import CommonSettings, load_settings
 from libs.common.store import connect_redis
 from services.proxy.limits import KEY_PREFIX
-from tests.integration.conftest import Tarball, make_tarball
+from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.fakenet import HOST_ADDRESS
 from tests.support.fakeweb import (
     DNS_SERVER,
@@ -104,9 +104,12 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeWeb]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, web: FakeWeb) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, web: FakeWeb, served: FileServer
+) -> Iterator[Stack]:
     with running_stack(
         tmp_path_factory.mktemp("proxy-e2e"),
+        supervisor_args=trusted_sources(served.url("")),
         network=NETWORK,
         subnet=SUBNET,
         bridge=BRIDGE,

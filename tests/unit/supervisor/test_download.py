@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from services.supervisor.download import DownloadLimits, check_image_url, download_image
 from services.supervisor.errors import FailureReason, ImageRejected
+from services.supervisor.image_sources import parse_trusted_source
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB
 PAYLOAD_DIGEST = "sha256:" + hashlib.sha256(PAYLOAD).hexdigest()
@@ -187,14 +189,22 @@ def server() -> Iterator[FileServer]:
         thread.join(timeout=5)
 
 
-def limits(*, max_size: int = 1024 * 1024, read_timeout: float = 5.0) -> DownloadLimits:
-    """Return download limits for the local server, which is plain http."""
+def limits(url: str, *, max_size: int = 1024 * 1024, read_timeout: float = 5.0) -> DownloadLimits:
+    """Return download limits for the local server, which is plain http on loopback.
+
+    Loopback addresses are denied unless a trusted source names them, so the origin of `url`
+    is the one trusted source.
+    """
+    origin = urlsplit(url)
     return DownloadLimits(
         max_size=max_size,
         connect_timeout=2.0,
         read_timeout=read_timeout,
         total_timeout=10.0,
         allow_http=True,
+        trusted_sources=(
+            parse_trusted_source(f"{origin.scheme}://{origin.netloc}/", allow_http=True),
+        ),
     )
 
 
@@ -202,7 +212,7 @@ def download_error(
     url: str, directory: Path, *, max_size: int = 1024 * 1024, read_timeout: float = 5.0
 ) -> ImageRejected:
     """Run a download that must fail and return its error."""
-    download_limits = limits(max_size=max_size, read_timeout=read_timeout)
+    download_limits = limits(url, max_size=max_size, read_timeout=read_timeout)
     with pytest.raises(ImageRejected) as error:
         download_image(url, digest=PAYLOAD_DIGEST, directory=directory, limits=download_limits)
     return error.value
@@ -210,7 +220,10 @@ def download_error(
 
 def test_download_returns_verified_file(server: FileServer, tmp_path: Path) -> None:
     path = download_image(
-        f"{server.url}/agent.tar", digest=PAYLOAD_DIGEST, directory=tmp_path, limits=limits()
+        f"{server.url}/agent.tar",
+        digest=PAYLOAD_DIGEST,
+        directory=tmp_path,
+        limits=limits(server.url),
     )
 
     assert path.parent == tmp_path
@@ -223,7 +236,7 @@ def test_digest_mismatch_removes_file(server: FileServer, tmp_path: Path) -> Non
             f"{server.url}/agent.tar",
             digest="sha256:" + "0" * 64,
             directory=tmp_path,
-            limits=limits(),
+            limits=limits(server.url),
         )
 
     assert error.value.reason == FailureReason.DIGEST_MISMATCH
@@ -259,13 +272,16 @@ def test_content_encoding_rejected(server: FileServer, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_redirect_not_followed(server: FileServer, tmp_path: Path) -> None:
-    error = download_error(f"{server.url}/redirect", tmp_path)
+def test_redirect_within_source_followed(server: FileServer, tmp_path: Path) -> None:
+    path = download_image(
+        f"{server.url}/redirect",
+        digest=PAYLOAD_DIGEST,
+        directory=tmp_path,
+        limits=limits(server.url),
+    )
 
-    assert error.reason == FailureReason.DOWNLOAD_HTTP_STATUS
-    assert "redirects are not followed" in error.message
-    assert server.log.paths == ["/redirect"]
-    assert list(tmp_path.iterdir()) == []
+    assert path.read_bytes() == PAYLOAD
+    assert server.log.paths == ["/redirect", "/agent.tar"]
 
 
 def test_error_status_rejected(server: FileServer, tmp_path: Path) -> None:
