@@ -20,6 +20,10 @@ class FailureReason(StrEnum):
     DOWNLOAD_HTTP_STATUS = "download_http_status"
     URL_NOT_ALLOWED = "url_not_allowed"
     DIGEST_MISMATCH = "digest_mismatch"
+    # Image sources, checked for the URL and for every redirect before any connection
+    SOURCE_NOT_TRUSTED = "source_not_trusted"
+    SOURCE_ADDRESS_DENIED = "source_address_denied"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
     # Signature, checked after the digest when a signing key or trusted root is configured
     SIGNATURE_MISSING = "signature_missing"
     SIGNATURE_INVALID = "signature_invalid"
@@ -42,6 +46,8 @@ class FailureReason(StrEnum):
     CONFIG_INVALID = "config_invalid"
     CONFIG_DIGEST_MISMATCH = "config_digest_mismatch"
     RETAG_EXISTING_IMAGE = "retag_existing_image"
+    # A header inside a layer's tar archive: see services/supervisor/layer_entries.py
+    LAYER_ENTRY_INVALID = "layer_entry_invalid"
     # Image configuration
     WORKDIR_RELATIVE = "workdir_relative"
     WORKDIR_FORBIDDEN = "workdir_forbidden"

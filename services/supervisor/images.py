@@ -218,6 +218,17 @@ class ImageStore:
             return tarball.config_digest
         loaded = self._docker.load_image(tarball_path)
         if tarball.config_digest not in loaded:
+            # What Docker loaded is not what the checks saw, so none of it may stay.
+            for image_id in loaded:
+                removal = self._docker.remove_image(image_id)
+                logger.error(
+                    "removed image %s that docker load made from %s instead of %s: %s",
+                    image_id,
+                    digest,
+                    tarball.config_digest,
+                    removal.value,
+                    extra={logs.IMAGE_DIGEST: digest, logs.IMAGE_ID: image_id},
+                )
             raise ImageRejected(
                 FailureReason.IMAGE_ID_MISMATCH,
                 f"docker load reported {loaded}, expected {tarball.config_digest} from the "

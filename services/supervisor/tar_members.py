@@ -4,8 +4,8 @@
 `docker load`, then checks the image layout on the members returned here. Nothing is
 extracted. The daemon reads the same archive with Go's archive/tar and encoding/json. So
 whatever Python's tarfile and json might read differently is rejected: GNU, v7 and star
-headers, PAX global headers, chained extension headers, data after the end of the archive
-and duplicate JSON keys.
+headers, PAX global headers, chained extension headers, size fields and PAX records that the
+two parse differently, data after the end of the archive and duplicate JSON keys.
 """
 
 from __future__ import annotations
@@ -28,6 +28,31 @@ _COMPRESSION_MAGIC = {
 _BLOCK = tarfile.BLOCKSIZE
 _USTAR_MAGIC = b"ustar\x0000"
 _STAR_TRAILER = b"tar\x00"
+# Go's archive/tar (1.19, parseOctal) trims spaces and NULs from both ends of a size field
+# before parsing it, while Python's tarfile stops at the first NUL. So a field such as
+# b"\x0000000001750" is 1000 bytes for the daemon and 0 for Python, and the two then read
+# different members. Octal digits after optional spaces, padded at the end with spaces or
+# NULs, read the same in both.
+_SIZE_FIELD = re.compile(rb" *[0-7]*[ \x00]*")
+# PAX records that both readers apply the same way. Python's tarfile 3.11 also renames a
+# member to any GNU.sparse.name and decodes names by hdrcharset, where Go applies
+# GNU.sparse.name to sparse files only and ignores hdrcharset.
+_PAX_KEYS = frozenset(
+    {
+        "path",
+        "linkpath",
+        "size",
+        "uid",
+        "gid",
+        "uname",
+        "gname",
+        "mtime",
+        "atime",
+        "ctime",
+        "comment",
+    }
+)
+_PAX_XATTR_PREFIX = "SCHILY.xattr."
 _UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
 _SPECIAL_TYPES = {
     tarfile.CHRTYPE: "a character device",
@@ -49,13 +74,45 @@ def reject_compressed(path: Path) -> None:
     bombs.
     """
     with path.open("rb") as file:
-        head = file.read(8)
-    for magic, kind in _COMPRESSION_MAGIC.items():
-        if head.startswith(magic):
-            raise ImageRejected(
-                FailureReason.NOT_A_TAR,
-                f"file is {kind}-compressed, expected the plain tar that `docker save` writes",
-            )
+        kind = _compression_of(file.read(8))
+    if kind is not None:
+        raise ImageRejected(
+            FailureReason.NOT_A_TAR,
+            f"file is {kind}-compressed, expected the plain tar that `docker save` writes",
+        )
+
+
+def check_layer_start(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
+    """Raise ImageRejected (NOT_A_TAR) unless the layer member starts like a plain tar.
+
+    `docker load` decompresses a gzip, bzip2, xz or zstd layer without a size limit, so a
+    small compressed layer can fill the daemon's disk, and `docker save` writes plain tar
+    layers only. The first block must be a tar header with a valid checksum or, for an
+    empty layer, all zero. The rest of the layer is not read.
+    """
+    reader = archive.extractfile(member)
+    if reader is None:
+        raise ImageRejected(FailureReason.MISSING_LAYER, f"layer {name!r} cannot be read")
+    with reader:
+        block = reader.read(_BLOCK)
+
+    kind = _compression_of(block)
+    if kind is not None:
+        raise ImageRejected(
+            FailureReason.NOT_A_TAR,
+            f"layer {name!r} is {kind}-compressed, which `docker load` would decompress "
+            "without a size limit; expected the plain tar layers that `docker save` writes",
+        )
+    if block.count(0) == len(block):
+        return
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise ImageRejected(
+            FailureReason.NOT_A_TAR,
+            f"layer {name!r} does not start with a tar header ({exc}); expected the plain tar "
+            "layers that `docker save` writes",
+        ) from None
 
 
 def read_members(
@@ -90,6 +147,7 @@ def read_members(
                 FailureReason.SPECIAL_MEMBER, "tarball has a PAX global header, expected none"
             )
         _check_header_format(file, member)
+        _check_pax_records(member)
         try:
             name = normalize_member_name(member.name)
         except ValueError as exc:
@@ -196,7 +254,31 @@ def _header_at(file: IO[bytes], offset: int, name: str) -> tarfile.TarInfo:
             FailureReason.NOT_A_TAR,
             f"member {name!r} has a GNU, v7 or star header, expected POSIX ustar or PAX",
         )
+    size_field = block[124:136]
+    if not _SIZE_FIELD.fullmatch(size_field):
+        raise ImageRejected(
+            FailureReason.NOT_A_TAR,
+            f"member {name!r} has size field {size_field!r}, which tar readers parse "
+            "differently; expected octal digits padded with spaces or NULs at the end",
+        )
     return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+
+
+def _check_pax_records(member: tarfile.TarInfo) -> None:
+    for key in member.pax_headers:
+        if key not in _PAX_KEYS and not key.startswith(_PAX_XATTR_PREFIX):
+            raise ImageRejected(
+                FailureReason.NOT_A_TAR,
+                f"member {member.name!r} has PAX record {key!r}, expected only "
+                f"{sorted(_PAX_KEYS)!r} and {_PAX_XATTR_PREFIX}* records",
+            )
+
+
+def _compression_of(head: bytes) -> str | None:
+    for magic, kind in _COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return None
 
 
 def _check_member_type(member: tarfile.TarInfo, name: str) -> None:

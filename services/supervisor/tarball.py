@@ -2,10 +2,12 @@
 
 The supervisor downloads a tarball and checks its digest, then calls `inspect_image_tarball`,
 and only a tarball that passes goes on to the image config checks and `docker load`. The
-checks read tar headers and a few small JSON members into memory and extract nothing. So a
-hostile archive is rejected before it can write outside the daemon's temporary folder, plant
-links or device files, hide a second image or fill the disk. They also return the config
-digest, which is the image ID that Docker must report after the load.
+checks read tar headers, including the headers inside each layer (layer_entries.py), and a
+few small JSON members into memory and extract nothing. So a hostile archive is rejected
+before it can write outside the daemon's temporary folder, plant links or device files, hide
+a second image, or fill the disk through its member sizes, a compressed layer or a sparse file
+inside a layer. They also return the config digest, which is the image ID that Docker must
+report after the load.
 
 Two layouts are accepted: the legacy layout of `docker save` in Docker 20.10 (checked against
 a real save) and the OCI layout that Docker 25 and later write (moby
@@ -19,10 +21,12 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from services.supervisor.errors import FailureReason, ImageRejected
+from services.supervisor.layer_entries import check_layer_entries
 from services.supervisor.tar_members import (
+    check_layer_start,
     load_json,
     normalize_member_name,
     read_members,
@@ -37,6 +41,18 @@ _HEX_ID = re.compile(r"[0-9a-f]{64}")
 # Keys of Docker's manifestItem. Go matches JSON keys case-insensitively, so an unknown key
 # such as "config" could override "Config" in the daemon while Python reads the other one.
 _MANIFEST_KEYS = frozenset({"Config", "RepoTags", "Layers", "Parent", "LayerSources"})
+# A RepoTags entry as Docker's reference parser (distribution/reference, vendored by Docker
+# 20.10) accepts it for a tag: an optional registry host and port, lower-case path components
+# and a tag. `docker load` creates the image before it parses RepoTags, so an entry it rejects,
+# such as a name without a tag, fails the load and leaves the image behind.
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-*)[a-z0-9]+)*"
+_REPO_TAG = re.compile(
+    rf"(?P<name>(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?"
+    rf"{_PATH_PART}(?:/{_PATH_PART})*):[\w][\w.-]{{0,127}}",
+    re.ASCII,
+)
+_MAX_REPOSITORY_NAME = 255
 _METADATA_FILES = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
 
 _Members = dict[str, tarfile.TarInfo]
@@ -50,6 +66,8 @@ class TarballLimits:
     max_total_size: int = 4 * 1024**3  # bytes, sum of member sizes
     # bytes, for manifest.json, index.json, the config and OCI JSON blobs read into memory
     max_metadata_size: int = 4 * 1024**2
+    # entries in one layer's tar archive, PAX and GNU long-name headers not counted
+    max_layer_entries: int = 1_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,10 +91,11 @@ def inspect_image_tarball(path: Path, *, limits: TarballLimits) -> ImageTarball:
     """Check the structure of a `docker save` tarball without extracting it.
 
     Reads every tar header, then manifest.json, index.json, the image config and small OCI
-    blobs into memory, each bounded by `limits.max_metadata_size`. Layer contents are not
-    read or hashed, because `docker load` checks them against the config's diff IDs. Raises
-    ImageRejected with the reason code of the first failed check, and OSError if the file
-    cannot be read.
+    blobs into memory, each bounded by `limits.max_metadata_size`. Of each layer the first
+    block is read, to reject compressed layers, and then its tar headers, seeking over file
+    data. Layers are not hashed, because `docker load` checks them against the config's diff
+    IDs. Raises ImageRejected with the reason code of the first failed check, and OSError if
+    the file cannot be read.
     """
     reject_compressed(path)
 
@@ -91,8 +110,7 @@ def inspect_image_tarball(path: Path, *, limits: TarballLimits) -> ImageTarball:
                 )
                 manifest = _read_manifest(archive, members, limits)
                 config_bytes = _read_config(archive, members, manifest.config, limits)
-                for layer in manifest.layers:
-                    _require_layer(members, layer)
+                _check_layers(archive, file, members, manifest.layers, limits)
                 allowed = _allowed_files(manifest) | _index_blobs(archive, members, limits)
                 config_digest = f"sha256:{hashlib.sha256(config_bytes).hexdigest()}"
                 _reject_unexpected(
@@ -158,6 +176,7 @@ def _parse_manifest(manifest: Any) -> _ManifestEntry:
         raise invalid(f"Layers is {layers!r:.80}, expected a non-empty list of paths")
     if repo_tags is not None and not _is_string_list(repo_tags):
         raise invalid(f"RepoTags is {repo_tags!r:.80}, expected null or a list of strings")
+    _check_repo_tags(repo_tags or [])
     if not isinstance(entry.get("Parent", ""), str):
         raise invalid(f"Parent is {entry['Parent']!r:.80}, expected an image ID")
     if not isinstance(sources, dict) or not all(isinstance(s, dict) for s in sources.values()):
@@ -174,6 +193,18 @@ def _parse_manifest(manifest: Any) -> _ManifestEntry:
     return _ManifestEntry(
         config=paths[0], layers=tuple(paths[1:]), repo_tags=tuple(repo_tags or ())
     )
+
+
+def _check_repo_tags(repo_tags: list[str]) -> None:
+    for tag in repo_tags:
+        match = _REPO_TAG.fullmatch(tag)
+        if match is None or len(match["name"]) > _MAX_REPOSITORY_NAME:
+            raise ImageRejected(
+                FailureReason.MANIFEST_INVALID,
+                f"manifest.json RepoTags entry {tag!r:.300} is not a name:tag reference that "
+                "docker load accepts; save the image by ID (docker save <image ID>) or by "
+                "name:tag",
+            )
 
 
 def _read_config(
@@ -196,7 +227,36 @@ def _read_config(
     return data
 
 
-def _require_layer(members: _Members, name: str) -> None:
+def _check_layers(
+    archive: tarfile.TarFile,
+    file: BinaryIO,
+    members: _Members,
+    layers: tuple[str, ...],
+    limits: TarballLimits,
+) -> None:
+    """Check the start and every header of each layer, in place in the open tarball.
+
+    `docker save` layers are plain tar, so their entries cannot hold more file data than
+    the tarball. So the data sizes of all layers' entries must add up to at most
+    `limits.max_total_size`, and this also counts a layer that manifest.json lists twice.
+    """
+    data_size = 0
+    for layer in layers:
+        member = _require_layer(members, layer)
+        check_layer_start(archive, member, layer)
+        entries = check_layer_entries(
+            file,
+            layer=layer,
+            offset=member.offset_data,
+            size=member.size,
+            max_entries=limits.max_layer_entries,
+            max_data_size=limits.max_total_size,
+            data_before=data_size,
+        )
+        data_size += entries.data_size
+
+
+def _require_layer(members: _Members, name: str) -> tarfile.TarInfo:
     member = members.get(name)
     if member is None:
         raise ImageRejected(FailureReason.MISSING_LAYER, f"layer {name!r} is not in the tarball")
@@ -204,6 +264,7 @@ def _require_layer(members: _Members, name: str) -> None:
         raise ImageRejected(
             FailureReason.MISSING_LAYER, f"layer {name!r} is a directory, expected a tar file"
         )
+    return member
 
 
 def _allowed_files(manifest: _ManifestEntry) -> set[str]:

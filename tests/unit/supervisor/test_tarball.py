@@ -223,6 +223,19 @@ def good_legacy_pax_header(path: Path) -> Path:
     return write_tar(path, members)
 
 
+def good_legacy_pax_xattr(path: Path) -> Path:
+    members = legacy_members()
+    members[3].info.pax_headers = {"SCHILY.xattr.user.origin": "build"}
+    return write_tar(path, members)
+
+
+def good_legacy_file_layer(path: Path) -> Path:
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(file("bin/agent", b"#!/bin/sh\n").info, io.BytesIO(b"#!/bin/sh\n"))
+    return write_tar(path, replace(legacy_members(), f"{LAYER_ID}/layer.tar", layer.getvalue()))
+
+
 def good_oci(path: Path) -> Path:
     return write_tar(path, oci_members())
 
@@ -238,6 +251,8 @@ def good_oci_untagged(path: Path) -> Path:
         pytest.param(good_legacy_dot_prefixed, ("agent:1",), id="legacy-dot-prefixed"),
         pytest.param(good_legacy_untagged, (), id="legacy-untagged"),
         pytest.param(good_legacy_pax_header, ("agent:1",), id="legacy-pax-header"),
+        pytest.param(good_legacy_pax_xattr, ("agent:1",), id="legacy-pax-xattr"),
+        pytest.param(good_legacy_file_layer, ("agent:1",), id="legacy-file-layer"),
         pytest.param(good_oci, ("agent:1",), id="oci"),
         pytest.param(good_oci_untagged, (), id="oci-untagged-docker-25.0"),
     ],
@@ -526,6 +541,48 @@ def oci_manifest_blob_mismatch(path: Path) -> Path:
     return write_tar(path, replace(oci_members(), name, manifest + b" "))
 
 
+def size_field_leading_nul(path: Path) -> Path:
+    """Write an empty member whose size field starts with a NUL.
+
+    Python's tarfile stops reading the field at the NUL and Go's archive/tar skips it, so any
+    digits after it would give two different sizes.
+    """
+    data = bytearray(write_tar(path, [file("repositories"), *legacy_members()[:-1]]).read_bytes())
+    data[124:136] = b"\x00" + b"0" * 10 + b"\x00"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\x00 " % sum(data[:512])
+    path.write_bytes(bytes(data))
+    return path
+
+
+def pax_record(key: str, value: str) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        members = legacy_members()
+        members[1].info.pax_headers = {key: value}
+        return write_tar(path, members)
+
+    return build
+
+
+def layer_content(data: bytes) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        return write_tar(path, replace(legacy_members(), f"{LAYER_ID}/layer.tar", data))
+
+    return build
+
+
+def repo_tag(tag: str) -> Callable[[Path], Path]:
+    def build(path: Path) -> Path:
+        entry = {
+            "Config": f"{_sha256(CONFIG_BYTES)}.json",
+            "RepoTags": [tag],
+            "Layers": [f"{LAYER_ID}/layer.tar"],
+        }
+        return write_tar(path, legacy_members(manifest=[entry]))
+
+    return build
+
+
 SMALL_METADATA = TarballLimits(max_metadata_size=2000)
 
 
@@ -573,6 +630,40 @@ SMALL_METADATA = TarballLimits(max_metadata_size=2000)
         ),
         pytest.param(data_after_end, LIMITS, FailureReason.NOT_A_TAR, id="data-after-end"),
         pytest.param(corrupt_second_header, LIMITS, FailureReason.NOT_A_TAR, id="bad-checksum"),
+        pytest.param(size_field_leading_nul, LIMITS, FailureReason.NOT_A_TAR, id="size-nul-first"),
+        pytest.param(
+            pax_record("GNU.sparse.name", "manifest.json"),
+            LIMITS,
+            FailureReason.NOT_A_TAR,
+            id="pax-sparse-name",
+        ),
+        pytest.param(
+            pax_record("GNU.sparse.size", "1"), LIMITS, FailureReason.NOT_A_TAR, id="pax-sparse"
+        ),
+        pytest.param(
+            pax_record("hdrcharset", "BINARY"), LIMITS, FailureReason.NOT_A_TAR, id="pax-charset"
+        ),
+        pytest.param(
+            layer_content(gzip.compress(LAYER)), LIMITS, FailureReason.NOT_A_TAR, id="layer-gzip"
+        ),
+        pytest.param(
+            layer_content(bz2.compress(LAYER)), LIMITS, FailureReason.NOT_A_TAR, id="layer-bzip2"
+        ),
+        pytest.param(
+            layer_content(lzma.compress(LAYER)), LIMITS, FailureReason.NOT_A_TAR, id="layer-xz"
+        ),
+        pytest.param(
+            layer_content(b"\x28\xb5\x2f\xfd" + LAYER),
+            LIMITS,
+            FailureReason.NOT_A_TAR,
+            id="layer-zstd",
+        ),
+        pytest.param(
+            layer_content(b"\x7fELF" + bytes(1020)),
+            LIMITS,
+            FailureReason.NOT_A_TAR,
+            id="layer-not-tar",
+        ),
         pytest.param(
             many_members(20_001),
             TarballLimits(max_members=20_000),
@@ -605,6 +696,19 @@ SMALL_METADATA = TarballLimits(max_metadata_size=2000)
             manifest_repo_tags_string, LIMITS, FailureReason.MANIFEST_INVALID, id="repo-tags-str"
         ),
         pytest.param(manifest_no_layers, LIMITS, FailureReason.MANIFEST_INVALID, id="no-layers"),
+        *[
+            pytest.param(repo_tag(tag), LIMITS, FailureReason.MANIFEST_INVALID, id=case)
+            for tag, case in [
+                ("agent", "repo-tag-no-tag"),
+                (f"agent@sha256:{'0' * 64}", "repo-tag-digest"),
+                ("Agent:1", "repo-tag-upper-case"),
+                ("agent:-1", "repo-tag-dash-first"),
+                ("agent:", "repo-tag-empty-tag"),
+                (f"agent:{'x' * 129}", "repo-tag-tag-too-long"),
+                (f"{'a' * 256}:1", "repo-tag-name-too-long"),
+                ("registry.test/../agent:1", "repo-tag-dot-dot"),
+            ]
+        ],
         pytest.param(
             manifest_layer_escapes, LIMITS, FailureReason.MANIFEST_INVALID, id="layer-escapes"
         ),
@@ -702,3 +806,19 @@ def test_rejection_message_names_member(tmp_path: Path) -> None:
         inspect_image_tarball(parent_component(tmp_path / "image.tar"), limits=LIMITS)
 
     assert "'../escape'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "agent:1",
+        "docker.io/library/agent:latest",
+        "localhost:5000/team/agent:v1.2-rc_3",
+        "registry.test/a/b_c__d-e.f:1",
+        f"{'a' * 255}:1",
+    ],
+)
+def test_accepts_repo_tag(tag: str, tmp_path: Path) -> None:
+    image = inspect_image_tarball(repo_tag(tag)(tmp_path / "image.tar"), limits=LIMITS)
+
+    assert image.repo_tags == (tag,)
