@@ -14,6 +14,7 @@ Subjects (version 1):
 | `agents.v1.host.<host>.cache` | request/reply | CachePurgeRequest -> CachePurgeReply |
 | `agents.v1.state.<agent>` | publish | AgentStateChanged |
 | `audit.<service>.<type>` | JetStream stream `AUDIT` | AuditEvent |
+| `proxy.v1.host.<host>.state` | publish | ProxyState |
 
 Any request may instead get an ErrorReply.
 """
@@ -423,3 +424,22 @@ class RegisterAgentReply(Message):
 
     kind: Literal["register_agent_reply"] = "register_agent_reply"
     agents: int
+
+
+def proxy_state_subject(host_id: str) -> str:
+    """Return the subject on which the egress proxy of `host_id` publishes that it runs."""
+    return f"proxy.v1.host.{host_id}.state"
+
+
+class ProxyState(Message):
+    """The egress proxy's sign of life, published every `publish_interval` seconds.
+
+    `running` is false in the last message of a proxy that stops. A proxy that stopped
+    without one is recognised by its last message growing old.
+    """
+
+    kind: Literal["proxy_state"] = "proxy_state"
+    host_id: HostId
+    running: bool
+    published_at: AwareDatetime
+    publish_interval: float = Field(gt=0, le=300, allow_inf_nan=False)

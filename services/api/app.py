@@ -1,4 +1,9 @@
-"""The gateway application: middleware, error handlers, routes and shared connections."""
+"""The gateway application: middleware, error handlers, routes and shared connections.
+
+Pipeline of a request: RequestIdMiddleware (request id), AccessMiddleware (client address,
+API key, rate limits and their audit), BodyLimitMiddleware, then the router with strict
+request schemas. Connections open when the server starts the app.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +20,52 @@ from libs.common.audit import AuditPublisher
 from libs.common.messages import AuditOutcome
 from libs.common.store import AgentStore, connect_redis
 from services.api import cache_purge
+from services.api.access import AccessControl, AccessLimits
 from services.api.auth import KeyRing
 from services.api.errors import install_error_handlers
-from services.api.middleware import RequestContextMiddleware
+from services.api.forwarded import ClientAddressResolver
+from services.api.middleware import AccessMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from services.api.passthrough import Forwarder
-from services.api.readiness import FirewallStates, Readiness, readiness, redis_answers
-from services.api.routes import Services, require_api_key, router, services_of
+from services.api.ratelimit import (
+    Backend,
+    BucketSpec,
+    RateLimiter,
+    RedisBuckets,
+    connect_limiter_redis,
+)
+from services.api.readiness import (
+    SUPERVISOR_PROBE_TIMEOUT,
+    FirewallStates,
+    ProxyStates,
+    Readiness,
+    readiness,
+    redis_answers,
+)
+from services.api.routes import (
+    Services,
+    reject_unknown_query,
+    require_api_key,
+    router,
+    services_of,
+)
 from services.api.schemas import Health
 from services.api.settings import ApiSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "api"
+
+
+def access_limits(settings: ApiSettings) -> AccessLimits:
+    """Return the bucket sizes that `settings` configure."""
+    return AccessLimits(
+        client=BucketSpec(rate=settings.rate_limit, burst=settings.rate_limit_burst),
+        key=BucketSpec(rate=settings.rate_limit, burst=settings.rate_limit_burst),
+        overall=BucketSpec(rate=settings.global_rate_limit, burst=settings.global_rate_limit_burst),
+        auth_failures=BucketSpec(
+            rate=settings.auth_failure_rate_limit, burst=settings.auth_failure_rate_limit_burst
+        ),
+    )
 
 
 def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
@@ -44,6 +83,34 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         firewall = FirewallStates()
         await firewall.follow(nats)
         app.state.firewall = firewall
+        proxies = ProxyStates()
+        await proxies.follow(nats)
+        app.state.proxies = proxies
+        limiter_redis = connect_limiter_redis(settings)
+
+        def on_backend_change(backend: Backend, detail: str) -> None:
+            audit.emit(
+                "ratelimit.backend_changed",
+                outcome=AuditOutcome.INFO,
+                actor=SERVICE,
+                reason_code=f"counting_{backend.value}",
+                details={"backend": backend.value, "detail": detail},
+            )
+
+        access = AccessControl(
+            keyring=keyring,
+            limiter=RateLimiter(
+                RedisBuckets(limiter_redis, key_prefix=settings.rate_limit_key_prefix),
+                on_backend_change=on_backend_change,
+            ),
+            resolver=ClientAddressResolver(
+                settings.trusted_proxies, header=settings.forwarded_header
+            ),
+            limits=access_limits(settings),
+            audit=audit,
+        )
+        access.start()
+        app.state.access = access
         forwarder = Forwarder(
             timeout=settings.request_timeout,
             max_response=int(settings.max_passthrough_response),
@@ -77,8 +144,10 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
             yield
         finally:
             logger.info("gateway stopping")
+            await access.close()
             audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
             await forwarder.close()
+            await limiter_redis.aclose()
             await audit.close()
             await nats.drain()
             logger.info("gateway stopped")
@@ -91,19 +160,23 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        dependencies=[Depends(reject_unknown_query)],
     )
     install_error_handlers(app)
+    # Starlette runs the middleware added last first.
     app.add_middleware(
-        RequestContextMiddleware,
+        BodyLimitMiddleware,
         control_limit=int(settings.max_request_body),
         passthrough_limit=int(settings.max_passthrough_body),
     )
+    app.add_middleware(AccessMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(router)
     app.include_router(cache_purge.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:
-        """Liveness check; needs no key and reveals nothing else."""
+        """Liveness check; needs no key, reveals nothing else and is rate-limited per address."""
         return Health(status="ok")
 
     @app.get(
@@ -114,12 +187,15 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         dependencies=[Depends(require_api_key)],
     )
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: NATS, Redis and each host's firewall state; needs a key."""
+        """Readiness: NATS, Redis, and each host's firewall, supervisor and proxy; needs a key."""
         services = services_of(request)
         return await readiness(
             nats=services.nats,
             redis_ok=await redis_answers(services.store.ping()),
             firewall=request.app.state.firewall,
+            proxies=request.app.state.proxies,
+            limiter_backend=request.app.state.access.limiter.backend,
+            probe_timeout=min(services.settings.nats_timeout, SUPERVISOR_PROBE_TIMEOUT),
         )
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.common import logs
+from libs.common.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def error_response(status: int, code: str, message: str, *, details: Any = None)
 
 
 _STATUS_CODES = {
+    400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
@@ -88,6 +90,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"invalid request: {'.'.join(first['location'])}: {first['message']}"
         return error_response(422, "invalid_request", message, details=details)
 
+    @app.exception_handler(StoreError)
+    async def on_store_error(request: Request, exc: StoreError) -> JSONResponse:
+        # Agent state lives in Redis, so without it no route but /healthz and /readyz works.
+        logger.error("Redis failed on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "store_unavailable",
+            "the gateway cannot reach its agent store (Redis); try again later",
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
@@ -95,8 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette runs this handler in its outermost middleware, after RequestContextMiddleware
-        # has unbound the request id and without its header, so both are restored here.
+        # Starlette runs this handler in its outermost middleware, after RequestIdMiddleware has
+        # unbound the request id and outside the access middleware, so the request id and the
+        # rate-limit headers are restored here.
         request_id = getattr(request.state, "request_id", None)
         with logs.correlation_scope(request_id):
             logger.error(
@@ -107,4 +120,5 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         if request_id is not None:
             response.headers["x-request-id"] = request_id
+        response.raw_headers.extend(getattr(request.state, "rate_limit_headers", []))
         return response

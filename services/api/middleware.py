@@ -1,4 +1,9 @@
-"""ASGI middleware of the gateway: request ids and request body limits.
+"""ASGI middleware of the gateway, outermost first: request ids, access control, body limits.
+
+Request ids come first so that every response, including 401, 429 and 413, carries one.
+Access control (services/api/access.py) comes before the body limit so that every request is
+authenticated and counted before the gateway reads a byte of its body, and so that every
+response carries the rate-limit headers.
 
 Written as plain ASGI instead of Starlette's BaseHTTPMiddleware so that streamed request and
 response bodies pass through without being buffered.
@@ -12,19 +17,99 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.common import logs
+from services.api.access import AccessControl
 from services.api.errors import BodyTooLarge, error_response
 
 REQUEST_ID_HEADER = b"x-request-id"
+RATE_LIMIT_HEADERS = frozenset(
+    {b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset"}
+)
 _SAFE_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class RequestContextMiddleware:
-    """Bind a request id to the logs and response, and cap request bodies.
+def _replace_headers(
+    message: Message, names: frozenset[bytes], added: list[tuple[bytes, bytes]]
+) -> Message:
+    headers = [
+        (name, value) for name, value in message.get("headers", []) if name.lower() not in names
+    ]
+    return {**message, "headers": headers + added}
+
+
+class RequestIdMiddleware:
+    """Bind a request id to the logs and echo it on the response.
 
     A client's `X-Request-ID` is kept only when it matches a safe pattern; otherwise a new id
-    replaces it, so a hostile value never reaches logs or agents. Bodies are capped at
-    `passthrough_limit` bytes on agent passthrough routes and `control_limit` elsewhere, both
-    from Content-Length and while the body streams in.
+    replaces it, so a hostile value never reaches logs or agents.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        added = [(REQUEST_ID_HEADER, request_id.encode())]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _replace_headers(message, frozenset({REQUEST_ID_HEADER}), added)
+            await send(message)
+
+        with logs.correlation_scope(request_id):
+            await self.app(scope, receive, send_with_id)
+
+
+class AccessMiddleware:
+    """Authenticate and rate-limit every request, and add the rate-limit headers.
+
+    The AccessControl is read from `app.state.access` at each request, because the app
+    creates it at startup, after Starlette has built the middleware. The request's client
+    address, key id and rate-limit headers go to `scope["state"]`, where routes and the
+    handler of unexpected errors read them.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # The gateway has no WebSocket routes, and a handshake must not skip the checks.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        control: AccessControl = scope["app"].state.access
+        result = await control.check(scope)
+        limit_headers = result.decision.headers()
+        state = scope.setdefault("state", {})
+        state["client"] = result.client
+        state["rate_limit_headers"] = limit_headers
+        if result.response is not None:
+            result.response.raw_headers.extend(limit_headers)
+            await result.response(scope, receive, send)
+            return
+        if result.auth is not None:
+            state["key_id"] = result.auth.key_id
+
+        async def send_with_limits(message: Message) -> None:
+            # An agent's own X-RateLimit-* headers would be taken for the gateway's.
+            if message["type"] == "http.response.start":
+                message = _replace_headers(message, RATE_LIMIT_HEADERS, limit_headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+
+class BodyLimitMiddleware:
+    """Cap request bodies, from Content-Length and while the body streams in.
+
+    Bodies are capped at `passthrough_limit` bytes on agent passthrough routes and
+    `control_limit` elsewhere.
     """
 
     def __init__(self, app: ASGIApp, *, control_limit: int, passthrough_limit: int) -> None:
@@ -36,22 +121,13 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
         limit = self.passthrough_limit if "/http/" in scope["path"] else self.control_limit
         started = False
 
-        async def send_with_id(message: Message) -> None:
+        async def send_tracked(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = [
-                    (name, value)
-                    for name, value in message.get("headers", [])
-                    if name.lower() != REQUEST_ID_HEADER
-                ]
-                headers.append((REQUEST_ID_HEADER, request_id.encode()))
-                message = {**message, "headers": headers}
             await send(message)
 
         received = 0
@@ -65,16 +141,15 @@ class RequestContextMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        with logs.correlation_scope(request_id):
-            declared = _content_length(scope)
-            if declared is not None and declared > limit:
-                await _too_large(limit, send_with_id)
-                return
-            try:
-                await self.app(scope, limited_receive, send_with_id)
-            except BodyTooLarge:
-                if not started:
-                    await _too_large(limit, send_with_id)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(limit, send)
+            return
+        try:
+            await self.app(scope, limited_receive, send_tracked)
+        except BodyTooLarge:
+            if not started:
+                await _too_large(limit, send)
 
 
 def _request_id(scope: Scope) -> str:

@@ -7,9 +7,11 @@ import logging
 import re
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import nats.errors
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.routing import APIRoute
 from nats.aio.client import Client as NatsClient
 from starlette.responses import Response
 
@@ -36,7 +38,7 @@ from libs.common.messages import (
     utc_now,
 )
 from libs.common.store import AgentStore
-from services.api.auth import KeyRing, has_query_key, presented_key
+from services.api.auth import KeyRing
 from services.api.errors import UNAUTHORIZED_MESSAGE, ApiError
 from services.api.passthrough import Forwarder
 from services.api.schemas import AgentList, AgentLogs, AgentView, CreateAgentRequest
@@ -45,6 +47,8 @@ from services.api.settings import ApiSettings
 logger = logging.getLogger(__name__)
 
 _AGENT_ID = re.compile(r"ag-[0-9a-f]{32}")
+# Longer than any agent id, so a longer one is a mistake that gets 422 instead of 404.
+MAX_AGENT_ID_LENGTH = 64
 # A stop may wait for a start in progress (10 s) and then for the container to stop.
 STOP_REPLY_EXTRA_SECONDS = 30.0
 PASSTHROUGH_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -75,43 +79,52 @@ async def _services_dependency(request: Request) -> Services:
 
 
 async def require_api_key(request: Request) -> str:
-    """Return the id of the caller's API key, or raise ApiError 401.
+    """Return the id of the caller's API key, which the access middleware has checked.
 
-    Missing, malformed and wrong keys get the same response, so a caller learns nothing about
-    which keys exist. A key in the query string is rejected with its own message.
+    The middleware (services/api/access.py) answers 401 to every request without a valid key
+    before routing, and audits it. Raising here as well keeps a route closed if it is ever
+    served without that middleware.
     """
-    services = services_of(request)
-    client = request.client.host if request.client else "unknown"
-    if has_query_key(list(request.query_params.keys())):
-        services.audit.emit(
-            "auth.rejected",
-            outcome=AuditOutcome.DENIED,
-            actor=client,
-            reason_code="api_key_in_query",
-            details={"path": request.url.path},
-        )
-        raise ApiError(
-            401,
-            "api_key_in_query",
-            "API keys in the URL are rejected because URLs get logged; send the key in the "
-            "X-API-Key header or as Authorization: Bearer",
-        )
-    key = presented_key(request.headers)
-    key_id = services.keyring.identify(key) if key else None
-    if key_id is None:
-        services.audit.emit(
-            "auth.failed",
-            outcome=AuditOutcome.DENIED,
-            actor=client,
-            reason_code="missing_key" if key is None else "invalid_key",
-            details={"path": request.url.path},
-        )
-        logger.warning("authentication failed from %s", client, extra={logs.CLIENT: client})
+    key_id = getattr(request.state, "key_id", None)
+    if not isinstance(key_id, str) or not key_id:
         raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
     return key_id
 
 
+def _declared_query_names(route: APIRoute) -> frozenset[str]:
+    names: set[str] = set()
+    pending = [route.dependant]
+    while pending:
+        dependant = pending.pop()
+        names.update(field.alias for field in dependant.query_params)
+        pending.extend(dependant.dependencies)
+    return frozenset(names)
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Raise ApiError 422 for a query parameter that the route does not declare.
+
+    A misspelt parameter such as `?wiat=true` would otherwise be ignored without a word.
+    The passthrough is exempt because its query belongs to the agent.
+    """
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or route.endpoint is passthrough:
+        return
+    declared = _declared_query_names(route)
+    unknown = sorted({name for name in request.query_params if name not in declared})
+    if unknown:
+        accepted = ", ".join(sorted(declared)) or "none"
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"unknown query parameter {unknown[0][:64]!r} on {route.path}; accepted: {accepted}",
+        )
+
+
 KeyId = Annotated[str, Depends(require_api_key)]
+AgentIdPath = Annotated[
+    str, Path(max_length=MAX_AGENT_ID_LENGTH, description="'ag-' and 32 lower-case hex digits.")
+]
 ServicesDep = Annotated[Services, Depends(_services_dependency)]
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -134,7 +147,7 @@ async def create_agent(
 ) -> AgentView:
     """Start an agent; it is `requested` at once and `ready` once it responds to HTTP."""
     settings = services.settings
-    if body.image_url.startswith("http://") and not settings.allow_http_image_urls:
+    if urlsplit(body.image_url).scheme == "http" and not settings.allow_http_image_urls:
         raise ApiError(
             422,
             "invalid_request",
@@ -248,13 +261,13 @@ async def list_agents(_: KeyId, services: ServicesDep) -> AgentList:
 
 
 @router.get("/agents/{agent_id}", response_model=AgentView)
-async def get_agent(agent_id: str, _: KeyId, services: ServicesDep) -> AgentView:
+async def get_agent(agent_id: AgentIdPath, _: KeyId, services: ServicesDep) -> AgentView:
     """Return one agent, including why it stopped or failed."""
     return AgentView.of(await _record_or_404(services, agent_id))
 
 
 @router.delete("/agents/{agent_id}", response_model=AgentView)
-async def delete_agent(agent_id: str, key_id: KeyId, services: ServicesDep) -> AgentView:
+async def delete_agent(agent_id: AgentIdPath, key_id: KeyId, services: ServicesDep) -> AgentView:
     """Stop an agent and remove its container; its record stays readable."""
     record = await _record_or_404(services, agent_id)
     if record.state in FINAL_STATES:
@@ -281,7 +294,7 @@ async def delete_agent(agent_id: str, key_id: KeyId, services: ServicesDep) -> A
 
 @router.get("/agents/{agent_id}/logs", response_model=AgentLogs)
 async def agent_logs(
-    agent_id: str,
+    agent_id: AgentIdPath,
     _: KeyId,
     services: ServicesDep,
     tail: Annotated[int, Query(gt=0, le=10_000, description="Number of lines.")] = 100,
@@ -314,7 +327,7 @@ async def agent_logs(
     responses={200: {"description": "The agent's response, streamed as it sent it."}},
 )
 async def passthrough(
-    agent_id: str, path: str, request: Request, _: KeyId, services: ServicesDep
+    agent_id: AgentIdPath, path: str, request: Request, _: KeyId, services: ServicesDep
 ) -> Response:
     """Forward the request to the agent's port 80 and stream its response back."""
     record = await _record_or_404(services, agent_id)

@@ -36,6 +36,8 @@ from libs.common.messages import (
 )
 
 MAX_DOMAIN_LENGTH = 253
+# The largest --max-container-lifetime the gateway accepts; the route checks the configured one.
+MAX_LIFETIME_SECONDS = 7 * 24 * 3600
 WILDCARD_PREFIX = "*."
 # Maximum number of characters of an entry that an error message shows; the rest is cut off.
 _SHOWN_CHARACTERS = 80
@@ -122,6 +124,7 @@ class CreateAgentRequest(BaseModel):
     lifetime_seconds: int | None = Field(
         None,
         gt=0,
+        le=MAX_LIFETIME_SECONDS,
         description="Seconds the agent may run; at most the gateway's --max-container-lifetime "
         "(default: that maximum).",
     )
@@ -161,11 +164,28 @@ class CreateAgentRequest(BaseModel):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"image_url {value!r} must be an absolute https:// URL")
+            raise ValueError(f"image_url {_shown(value)} must be an absolute https:// URL")
         if parts.username is not None or parts.password is not None:
             raise ValueError("image_url must not contain credentials")
         if any(ord(char) < 0x21 or ord(char) == 0x7F for char in value):
             raise ValueError("image_url must not contain spaces or control characters")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(
+                f"image_url {_shown(value)} has an invalid port; use a number from 1 to 65535"
+            )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _check_env_values(cls, value: dict[str, str]) -> dict[str, str]:
+        # A C string ends at NUL, so the agent would see a different value from the record.
+        for name, text in value.items():
+            if "\x00" in text:
+                raise ValueError(f"env value of {name} contains a NUL character")
         return value
 
 

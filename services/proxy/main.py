@@ -5,12 +5,15 @@ agents' policies and the rate counters), the resolver, then one mitmproxy master
 modes on the sandbox gateway address: transparent (netguard redirects agents' TCP 80 and 443
 there), regular (the explicit proxy) and DNS. Only the addons the filter needs are loaded; in
 particular mitmproxy's own DNS resolver is not, so an unanswered query gets SERVFAIL and
-nothing is forwarded. SIGTERM and SIGINT stop the master and flush the audit queue.
+nothing is forwarded. While the master runs, the proxy publishes a ProxyState on
+`proxy.v1.host.<host>.state` every few seconds, which the gateway's /readyz reports. SIGTERM
+and SIGINT stop the master and flush the audit queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
@@ -23,12 +26,14 @@ from ipaddress import IPv4Address
 from mitmproxy import connection, options
 from mitmproxy.addons import core, disable_h2c, errorcheck, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsError
 
 from libs.common import bus, logs
 from libs.common.audit import AuditPublisher
 from libs.common.decisions import Decision, Reason
 from libs.common.errors import CommonError, ConfigurationError
-from libs.common.messages import AuditOutcome
+from libs.common.messages import AuditOutcome, ProxyState, proxy_state_subject, utc_now
 from libs.common.registry import AgentRegistry
 from libs.common.settings import load_settings
 from libs.common.store import connect_redis
@@ -45,12 +50,36 @@ SERVICE = "proxy"
 
 
 FREEZE_AFTER_SECONDS = 3.0
+# How often the proxy publishes that it runs; the gateway's /readyz calls a proxy stale after
+# three intervals without a message.
+STATE_INTERVAL_SECONDS = 5.0
 
 
 def _freeze_startup_objects() -> None:
     gc.collect()
     gc.freeze()
     logger.info("moved %d start-up objects out of garbage collection", gc.get_freeze_count())
+
+
+async def publish_state(nats: NatsClient, host_id: str, *, running: bool) -> None:
+    """Publish the proxy's state once; a failure is logged, and the next interval retries."""
+    state = ProxyState(
+        correlation_id=f"proxy-{host_id}",
+        host_id=host_id,
+        running=running,
+        published_at=utc_now(),
+        publish_interval=STATE_INTERVAL_SECONDS,
+    )
+    try:
+        await nats.publish(proxy_state_subject(host_id), bus.encode(state))
+    except (NatsError, OSError) as exc:
+        logger.warning("cannot publish the proxy state: %s", exc)
+
+
+async def _publish_state_periodically(nats: NatsClient, host_id: str) -> None:
+    while True:
+        await publish_state(nats, host_id, running=True)
+        await asyncio.sleep(STATE_INTERVAL_SECONDS)
 
 
 class ProxyStartError(CommonError):
@@ -226,7 +255,16 @@ async def run(settings: ProxySettings) -> None:
             settings.proxy_dns_port,
             "on" if settings.tls_inspection else "off",
         )
-        await master.run()
+        state_task = asyncio.create_task(
+            _publish_state_periodically(nats, settings.host_id), name="proxy-state"
+        )
+        try:
+            await master.run()
+        finally:
+            state_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state_task
+            await publish_state(nats, settings.host_id, running=False)
         audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
         logger.info("proxy %s stopped", settings.host_id)
     finally:

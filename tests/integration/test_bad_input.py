@@ -32,7 +32,7 @@ import pytest
 from docker.errors import ImageNotFound, NotFound
 
 from services.api.errors import UNAUTHORIZED_MESSAGE
-from tests.integration.conftest import Tarball, make_tarball
+from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.images import (
     build_busybox_image,
     build_echo_agent_image,
@@ -187,11 +187,16 @@ def leftovers(stack: Stack, docker_client: docker.DockerClient) -> Leftovers:
 
 
 @pytest.fixture(scope="module")
-def limit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def limit_stack(
+    tmp_path_factory: pytest.TempPathFactory, served: FileServer, unsized_server: str
+) -> Iterator[Stack]:
     """A stack whose supervisor accepts image tarballs of at most 1 MiB."""
     with running_stack(
         tmp_path_factory.mktemp("limit-stack"),
-        supervisor_args=["--image-max-size=1MiB"],
+        supervisor_args=[
+            "--image-max-size=1MiB",
+            *trusted_sources(served.url(""), unsized_server),
+        ],
         network="agent-runner-test2",
         subnet="172.29.1.0/24",
         bridge="ar-test1",
@@ -208,6 +213,7 @@ def production_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack
     with running_stack(
         workdir,
         profile="production",
+        api_args=["--insecure-http"],
         supervisor_args=[f"--image-signing-key={key}"],
         network="agent-runner-test3",
         subnet="172.29.2.0/24",
@@ -515,13 +521,9 @@ def test_wrong_digest_fails_mismatch(
 
 
 def test_unreachable_url_fails_download(
-    client: httpx.Client, leftovers: Leftovers, crafting_base: Tarball
+    client: httpx.Client, leftovers: Leftovers, crafting_base: Tarball, unreachable_url: str
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-
-    agent = start_agent(client, f"http://127.0.0.1:{closed_port}/image.tar", crafting_base.digest)
+    agent = start_agent(client, unreachable_url, crafting_base.digest)
 
     assert_failed(agent, "download_failed")
     leftovers.assert_none(
@@ -529,6 +531,88 @@ def test_unreachable_url_fails_download(
         digests=(crafting_base.digest,),
         image_ids=(config_digest(crafting_base.path),),
     )
+
+
+@contextlib.contextmanager
+def unserved_port() -> Iterator[socket.socket]:
+    """Yield a listening socket that nobody accepts on, to show that nothing connected to it.
+
+    The kernel completes the handshake of a connection to it and queues the connection, so
+    a non-blocking accept() afterwards finds any that arrived.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener
+
+
+def assert_not_connected(listener: socket.socket) -> None:
+    listener.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+
+
+def verification_failures(stack: Stack, agent_id: str) -> list[str]:
+    """Return the reason codes of the agent's image.verification_failed events.
+
+    Events are published in the background, so this waits up to AUDIT_WAIT_SECONDS for one.
+    """
+    deadline = time.monotonic() + AUDIT_WAIT_SECONDS
+    while True:
+        events = [event for event in audit_events(stack) if event["agent_id"] == agent_id]
+        failures = [
+            event["reason_code"] for event in events if event["type"] == "image.verification_failed"
+        ]
+        if failures or time.monotonic() > deadline:
+            return failures
+        time.sleep(0.2)
+
+
+def test_untrusted_source_fails(
+    client: httpx.Client, leftovers: Leftovers, crafting_base: Tarball
+) -> None:
+    with unserved_port() as listener:
+        port = listener.getsockname()[1]
+
+        agent = start_agent(client, f"http://127.0.0.1:{port}/image.tar", crafting_base.digest)
+
+        assert_not_connected(listener)
+    assert_failed(agent, "source_not_trusted")
+    assert f"origin http://127.0.0.1:{port}" in agent["failure_message"]
+    assert "--trusted-image-sources lists http://127.0.0.1:" in agent["failure_message"]
+    assert verification_failures(leftovers.stack, agent["agent_id"]) == ["source_not_trusted"]
+    leftovers.assert_none(
+        agent_id=agent["agent_id"],
+        digests=(crafting_base.digest,),
+        image_ids=(config_digest(crafting_base.path),),
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_internal_address_fails_in_production(
+    host: str,
+    production_stack: Stack,
+    docker_client: docker.DockerClient,
+    crafting_base: Tarball,
+) -> None:
+    """A production supervisor without sources refuses loopback hosts before connecting."""
+    leftovers = Leftovers(production_stack, docker_client)
+
+    with (
+        unserved_port() as listener,
+        httpx.Client(
+            base_url=production_stack.api_url, headers=production_stack.headers, timeout=60
+        ) as api,
+    ):
+        port = listener.getsockname()[1]
+        agent = start_agent(api, f"https://{host}:{port}/image.tar", crafting_base.digest)
+
+        assert_not_connected(listener)
+    assert_failed(agent, "source_address_denied")
+    assert "address_loopback" in agent["failure_message"]
+    failures = verification_failures(production_stack, agent["agent_id"])
+    assert failures == ["source_address_denied"]
+    leftovers.assert_none(agent_id=agent["agent_id"], digests=(crafting_base.digest,))
 
 
 def test_html_page_fails_not_a_tar(
@@ -853,8 +937,14 @@ def test_auth_failures_are_audited(stack: Stack) -> None:
         assert event["type"] == expected_types[reason], event
         assert event["reason_code"] == reason, event
         assert event["outcome"] == "denied", event
-        assert event["details"] == {"path": "/v1/agents"}, event
+        assert event["actor"] == "127.0.0.1", event
+        assert event["details"]["client"] == "127.0.0.1", event
+        assert event["details"]["path"] == "/v1/agents", event
+        assert event["details"]["method"] == "GET", event
         assert stack.api_key not in json.dumps(event)
+    # The key in the URL is a valid one, so the event names it for rotation.
+    assert found["api_key_in_query"]["details"]["key_id"] == "tests"
+    assert found["invalid_key"]["details"]["key_id"] is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,6 +244,7 @@ class Stack:
             [
                 f"--listen-port={self.api_port}",
                 f"--api-keys-file={self.workdir / 'api-keys'}",
+                f"--rate-limit-key-prefix={self.rate_limit_prefix}",
                 *self.api_args,
             ],
         )
@@ -255,6 +256,15 @@ class Stack:
                     return
             time.sleep(0.1)
         raise RuntimeError(f"gateway did not answer within 30 s; see {self._log('api')}")
+
+    @property
+    def rate_limit_prefix(self) -> str:
+        """Prefix of this stack's rate-limit keys in the shared Redis.
+
+        Every stack's clients connect from 127.0.0.1, so stacks with a shared prefix would
+        draw from one bucket.
+        """
+        return f"agent-runner:api:rate:{self.host_id}:"
 
     def stop_service(self, name: str, *, sig: int = signal.SIGTERM) -> int:
         """Send `sig` to a service, wait for it and return its exit status."""
@@ -298,13 +308,14 @@ class Stack:
             client.close()
 
     def _forget_cache_state(self) -> None:
-        """Delete this host's image-cache keys, which its supervisor wrote to the shared Redis."""
+        """Delete this host's image-cache and rate-limit keys from the shared Redis."""
         url = self.env().get("AGENT_RUNNER_REDIS_URL")
         if url is None:
             return
         client = redis.Redis.from_url(url, password=self.env().get("AGENT_RUNNER_REDIS_PASSWORD"))
         try:
             keys = list(client.scan_iter(f"agent-runner:cache:{self.host_id}:*"))
+            keys += list(client.scan_iter(f"{self.rate_limit_prefix}*"))
             if keys:
                 client.delete(*keys)
             client.srem("agent-runner:cache-hosts", self.host_id)

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from services.api.errors import ApiError, install_error_handlers
-from services.api.middleware import RequestContextMiddleware
+from services.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 
 CONTROL_LIMIT = 100
 PASSTHROUGH_LIMIT = 1000
@@ -23,12 +23,14 @@ class Probe(BaseModel):
 
 
 def create_test_app() -> FastAPI:
-    """Return an app with the gateway's middleware, its error handlers and probe routes."""
+    """Return an app with the gateway's request-id and body-limit middleware, its error
+    handlers and probe routes; tests/unit/api/test_access.py covers the access middleware."""
     app = FastAPI()
     install_error_handlers(app)
     app.add_middleware(
-        RequestContextMiddleware, control_limit=CONTROL_LIMIT, passthrough_limit=PASSTHROUGH_LIMIT
+        BodyLimitMiddleware, control_limit=CONTROL_LIMIT, passthrough_limit=PASSTHROUGH_LIMIT
     )
+    app.add_middleware(RequestIdMiddleware)
 
     @app.post("/echo")
     async def echo(request: Request) -> dict[str, int]:

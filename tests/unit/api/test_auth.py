@@ -9,7 +9,14 @@ from starlette.datastructures import Headers
 
 from libs.common.apikeys import StoredKey, generate_key, hash_key, key_file_line
 from libs.common.errors import ConfigurationError
-from services.api.auth import KeyRing, has_query_key, presented_key
+from services.api.auth import (
+    AuthReason,
+    Credential,
+    KeyRing,
+    authenticate,
+    has_query_key,
+    presented_key,
+)
 
 CI_KEY = "ar_ci-key-for-unit-tests"
 OPS_KEY = "ar_ops-key-for-unit-tests"
@@ -142,7 +149,28 @@ def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["apiKey", "APIKEY", "api_key", "API_KEY", "key", "Key", "token", "TOKEN", "access_token"],
+    [
+        "apiKey",
+        "APIKEY",
+        "api_key",
+        "API_KEY",
+        "api-key",
+        "Api-Key",
+        "x-api-key",
+        "X_API_KEY",
+        "key",
+        "Key",
+        "token",
+        "TOKEN",
+        "access_token",
+        "access-token",
+        "api_token",
+        "apitoken",
+        "auth_token",
+        "authorization",
+        "Authorization",
+        "bearer",
+    ],
 )
 def test_query_key_detected(name: str) -> None:
     assert has_query_key(["wait", name]) is True
@@ -154,9 +182,80 @@ def test_query_key_detected(name: str) -> None:
         pytest.param([], id="none"),
         pytest.param(["wait"], id="wait"),
         pytest.param(["keys", "tokens"], id="plural"),
-        pytest.param(["api-key"], id="dash"),
+        pytest.param(["api_keys", "keyid"], id="longer-names"),
         pytest.param(["monkey", "key_id", "refresh_token"], id="containing"),
     ],
 )
 def test_query_key_not_detected(names: list[str]) -> None:
     assert has_query_key(names) is False
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "reason", "credential", "key_id"),
+    [
+        pytest.param({"X-API-Key": CI_KEY}, [], "authenticated", "x-api-key", "ci", id="header"),
+        pytest.param(
+            {"Authorization": f"Bearer {OPS_KEY}"},
+            [],
+            "authenticated",
+            "bearer",
+            "ops",
+            id="bearer",
+        ),
+        pytest.param({}, [], "missing_key", "none", None, id="missing"),
+        pytest.param({"X-API-Key": "  "}, [], "missing_key", "none", None, id="blank-header"),
+        pytest.param({"Authorization": "Basic eDp5"}, [], "missing_key", "none", None, id="basic"),
+        pytest.param({"X-API-Key": "ar_wrong"}, [], "invalid_key", "x-api-key", None, id="wrong"),
+        pytest.param(
+            {"Authorization": "Bearer ar_wrong"},
+            [],
+            "invalid_key",
+            "bearer",
+            None,
+            id="wrong-bearer",
+        ),
+        pytest.param({"X-API-Key": "k" * 300}, [], "invalid_key", "x-api-key", None, id="overlong"),
+        pytest.param(
+            {}, [("apiKey", CI_KEY)], "api_key_in_query", "query", "ci", id="valid-key-in-query"
+        ),
+        pytest.param(
+            {}, [("token", "ar_wrong")], "api_key_in_query", "query", None, id="wrong-key-in-query"
+        ),
+        pytest.param(
+            {"X-API-Key": CI_KEY},
+            [("wait", "true"), ("api_key", "")],
+            "api_key_in_query",
+            "query",
+            None,
+            id="empty-query-key-with-header",
+        ),
+    ],
+)
+def test_authenticate(
+    keyring: KeyRing,
+    *,
+    headers: dict[str, str],
+    query: list[tuple[str, str]],
+    reason: str,
+    credential: str,
+    key_id: str | None,
+) -> None:
+    auth = authenticate(keyring, Headers(headers), query)
+
+    assert auth.reason == AuthReason(reason)
+    assert auth.credential == Credential(credential)
+    assert auth.key_id == key_id
+    assert auth.ok is (reason == "authenticated")
+
+
+def test_authenticate_names_query_parameter(keyring: KeyRing) -> None:
+    auth = authenticate(keyring, Headers({}), [("wait", "1"), ("Api-Key", CI_KEY)])
+
+    assert auth.parameter == "Api-Key"
+
+
+def test_authentication_never_holds_key(keyring: KeyRing) -> None:
+    for headers, query in (({"X-API-Key": CI_KEY}, []), ({}, [("key", CI_KEY)])):
+        auth = authenticate(keyring, Headers(headers), query)
+
+        assert CI_KEY not in repr(auth)

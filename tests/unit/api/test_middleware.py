@@ -1,4 +1,4 @@
-"""Tests for the request id and body limits of RequestContextMiddleware."""
+"""Tests for RequestIdMiddleware and BodyLimitMiddleware."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from services.api.middleware import RequestContextMiddleware
+from services.api.middleware import RequestIdMiddleware
 from tests.unit.api.conftest import CONTROL_LIMIT, PASSTHROUGH_LIMIT
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
@@ -86,7 +86,7 @@ async def test_request_id_with_trailing_newline_replaced() -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    middleware = RequestContextMiddleware(app, control_limit=10, passthrough_limit=10)
+    middleware = RequestIdMiddleware(app)
     scope: Scope = {
         "type": "http",
         "method": "GET",

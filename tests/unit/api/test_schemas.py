@@ -71,6 +71,9 @@ def test_url_accepted(url: str) -> None:
         pytest.param("https://127.0.0.1/\x7fagent.tar", id="del"),
         pytest.param("https://127.0.0.1/\x1b[31m", id="escape"),
         pytest.param("https://127.0.0.1/" + "a" * 2031, id="too-long"),
+        pytest.param("https://127.0.0.1:0/agent.tar", id="port-zero"),
+        pytest.param("https://127.0.0.1:65536/agent.tar", id="port-over-65535"),
+        pytest.param("https://127.0.0.1:https/agent.tar", id="port-not-number"),
     ],
 )
 def test_url_rejected(url: str) -> None:
@@ -104,8 +107,8 @@ def test_digest_rejected(digest: str) -> None:
     assert error_fields(error) == ["image_digest"]
 
 
-@pytest.mark.parametrize("lifetime", [0, -5])
-def test_non_positive_lifetime_rejected(lifetime: int) -> None:
+@pytest.mark.parametrize("lifetime", [0, -5, 7 * 24 * 3600 + 1, 10**30])
+def test_lifetime_out_of_range_rejected(lifetime: int) -> None:
     with pytest.raises(ValidationError) as error:
         CreateAgentRequest.model_validate(body(lifetime_seconds=lifetime))
 
@@ -130,6 +133,8 @@ def test_env_at_limits_accepted() -> None:
         pytest.param({"VAR": 1}, id="number-value"),
         pytest.param({"VAR": None}, id="null-value"),
         pytest.param(["VAR=1"], id="list"),
+        pytest.param({"VAR": "a\x00b"}, id="nul-in-value"),
+        pytest.param({"V" * 129: "1"}, id="name-129"),
     ],
 )
 def test_env_rejected(env: Any) -> None:

@@ -63,7 +63,7 @@ def test_production_default(field: str, expected: Any) -> None:
 def test_development_relaxes_listed_settings() -> None:
     settings = load_settings(ApiSettings, ["--profile", "development"])
 
-    assert settings.relaxed_settings() == {"allow_http_image_urls": True}
+    assert settings.relaxed_settings() == {"allow_http_image_urls": True, "insecure_http": True}
 
 
 def test_development_changes_nothing_else() -> None:
@@ -86,7 +86,7 @@ def test_development_warns_per_relaxed_setting(caplog: pytest.LogCaptureFixture)
         settings.warn_if_relaxed()
 
     settings_named = [record.__dict__["setting"] for record in caplog.records]
-    assert settings_named == ["allow_http_image_urls"]
+    assert settings_named == ["allow_http_image_urls", "insecure_http"]
 
 
 def test_development_keeps_explicit_value() -> None:
@@ -95,7 +95,7 @@ def test_development_keeps_explicit_value() -> None:
     )
 
     assert settings.allow_http_image_urls is False
-    assert settings.relaxed_settings() == {}
+    assert settings.relaxed_settings() == {"insecure_http": True}
 
 
 @pytest.mark.parametrize(
