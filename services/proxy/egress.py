@@ -467,7 +467,10 @@ class EgressFilter(NextLayer):
                 ),
             )
         else:
-            record.status = record.status or 502
+            # A client that hangs up during the response ends the flow with an error, but
+            # the upstream's status is what the agent was sent.
+            if record.status is None:
+                record.status = flow.response.status_code if flow.response else 502
             record.decision = (
                 record.decision
                 if not record.decision.allowed

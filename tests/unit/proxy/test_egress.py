@@ -10,7 +10,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, http
+from mitmproxy import flow as mflow
 from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import tflow
@@ -347,3 +348,18 @@ async def test_absolute_target_must_match_host_in_transparent_mode() -> None:
     assert flow.response is not None
     assert flow.response.headers["X-Agent-Runner-Reason"] == "host_mismatch"
     assert resolver.queries == []
+
+
+async def test_client_hanging_up_keeps_upstream_status() -> None:
+    egress, audit, _ = make_filter()
+    conn = await connected(egress)
+    flow = http_flow(conn, "allowed.test")
+    await egress.requestheaders(flow)
+    flow.response = http.Response.make(302, b"", {"Location": "http://169.254.42.42/"})
+    flow.error = mflow.Error("Client disconnected.")
+
+    await egress.error(flow)
+
+    [event] = audit.events
+    assert event["reason_code"] == "allowed"
+    assert event["details"]["status"] == 302
