@@ -288,6 +288,9 @@ def _add_extension(extensions: _Extensions, typeflag: bytes, data: bytes, where:
         raise _invalid(f"{where}: second {typeflag!r} header before one entry, expected one")
 
 
+_TRUSTED_XATTR_PREFIXES = ("SCHILY.xattr.trusted.", "LIBARCHIVE.xattr.trusted.")
+
+
 def _parse_pax(data: bytes, where: str) -> dict[str, str]:
     """Parse PAX records as Go's parsePAX does, rejecting what Go rejects and sparse records."""
     records: dict[str, str] = {}
@@ -308,6 +311,13 @@ def _parse_pax(data: bytes, where: str) -> dict[str, str]:
                 FailureReason.SPECIAL_MEMBER,
                 f"{where}: PAX record {text_key!r} marks a sparse file, which `docker load` "
                 "would fill with zeros on disk; expected no sparse files in layers",
+            )
+        if text_key.startswith(_TRUSTED_XATTR_PREFIXES):
+            # Docker applies xattrs to its overlay2 layer folders, where overlayfs reads the
+            # trusted.overlay.* ones (opaque directories, redirects) as its own metadata.
+            raise _invalid(
+                f"{where}: PAX record {text_key!r} sets a trusted.* extended attribute; "
+                "expected no trusted or security namespace attributes in layers"
             )
         records[text_key] = value.decode("utf-8", "surrogateescape")
         rest = rest[length:]

@@ -233,6 +233,11 @@ def sparse_pax_0_1() -> bytes:
     return layer(entry("sparse", b"x", pax=records))
 
 
+def trusted_overlay_xattr() -> bytes:
+    # Marks a directory opaque for overlayfs, hiding the lower layers' files below it.
+    return layer(entry("etc/", pax={"SCHILY.xattr.trusted.overlay.opaque": "y"}))
+
+
 def sparse_pax_0_0() -> bytes:
     records = {"GNU.sparse.offset": str((1 << 30) - 1), "GNU.sparse.numbytes": "1"}
     return layer(entry("sparse", b"x", pax=records))
@@ -338,6 +343,12 @@ REJECTED = [
     pytest.param(sparse_pax_0_1, FailureReason.SPECIAL_MEMBER, "GNU.sparse.", id="sparse-pax-0.1"),
     pytest.param(sparse_pax_0_0, FailureReason.SPECIAL_MEMBER, "GNU.sparse.", id="sparse-pax-0.0"),
     pytest.param(sparse_gnu_type, FailureReason.SPECIAL_MEMBER, "sparse file", id="sparse-gnu"),
+    pytest.param(
+        trusted_overlay_xattr,
+        FailureReason.LAYER_ENTRY_INVALID,
+        "trusted.*",
+        id="trusted-overlay-xattr",
+    ),
     pytest.param(
         size_field(b"\x0000000000004"),
         FailureReason.LAYER_ENTRY_INVALID,
