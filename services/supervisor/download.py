@@ -44,7 +44,6 @@ from services.supervisor.image_sources import (
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
@@ -357,7 +356,8 @@ def _read_body(
 
     digest = hashlib.sha256()
     received = 0
-    for chunk in response.iter_raw(CHUNK_SIZE):
+    # Chunks as the socket delivers them: rechunking to a fixed size costs a copy per byte.
+    for chunk in response.iter_raw():
         received += len(chunk)
         if received > limits.max_size:
             raise ImageRejected(
