@@ -1,8 +1,9 @@
 """The gateway application: middleware, error handlers, routes and shared connections.
 
-Pipeline of a request: RequestIdMiddleware (request id), AccessMiddleware (client address,
-API key, rate limits and their audit), BodyLimitMiddleware, then the router with strict
-request schemas. Connections open when the server starts the app.
+Pipeline of a request: MetricsMiddleware (counts responses and serves /metrics to the
+metrics key), RequestIdMiddleware (request id), AccessMiddleware (client address, API key,
+rate limits and their audit), BodyLimitMiddleware, then the router with strict request
+schemas. Connections open when the server starts the app.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from libs.common.store import AgentStore, connect_redis
 from services.api import cache_purge
 from services.api.access import AccessControl, AccessLimits
 from services.api.auth import KeyRing
-from services.api.errors import install_error_handlers
+from services.api.errors import COMMON_ERROR_STATUSES, error_responses, install_error_handlers
 from services.api.forwarded import ClientAddressResolver
+from services.api.metrics import GatewayMetrics, MetricsKey, MetricsMiddleware
 from services.api.middleware import AccessMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from services.api.passthrough import Forwarder
 from services.api.ratelimit import (
@@ -68,8 +70,38 @@ def access_limits(settings: ApiSettings) -> AccessLimits:
     )
 
 
-def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
-    """Return the gateway app; connections open when the server starts it."""
+def metrics_key_on_gateway_port(settings: ApiSettings) -> MetricsKey | None:
+    """Return the key that opens /metrics on the gateway's port, or None when it has none.
+
+    With --metrics-bind, metrics are served on that listener only.
+    """
+    if settings.metrics_api_key is None or settings.metrics_bind is not None:
+        return None
+    return MetricsKey(settings.metrics_api_key.get_secret_value())
+
+
+def _add_middleware(app: FastAPI, settings: ApiSettings, metrics: GatewayMetrics) -> None:
+    # Starlette runs the middleware added last first.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        control_limit=int(settings.max_request_body),
+        passthrough_limit=int(settings.max_passthrough_body),
+    )
+    app.add_middleware(AccessMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(
+        MetricsMiddleware, metrics=metrics, key=metrics_key_on_gateway_port(settings)
+    )
+
+
+def create_app(
+    settings: ApiSettings, *, keyring: KeyRing, metrics: GatewayMetrics | None = None
+) -> FastAPI:
+    """Return the gateway app; connections open when the server starts it.
+
+    `metrics` is shared with the --metrics-bind listener when main creates one.
+    """
+    metrics = metrics or GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +115,7 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         firewall = FirewallStates()
         await firewall.follow(nats)
         app.state.firewall = firewall
+        metrics.states.follow(store=store, firewall=firewall)
         proxies = ProxyStates()
         await proxies.follow(nats)
         app.state.proxies = proxies
@@ -161,16 +194,10 @@ def create_app(settings: ApiSettings, *, keyring: KeyRing) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
         dependencies=[Depends(reject_unknown_query)],
+        responses=error_responses(*COMMON_ERROR_STATUSES),
     )
     install_error_handlers(app)
-    # Starlette runs the middleware added last first.
-    app.add_middleware(
-        BodyLimitMiddleware,
-        control_limit=int(settings.max_request_body),
-        passthrough_limit=int(settings.max_passthrough_body),
-    )
-    app.add_middleware(AccessMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    _add_middleware(app, settings, metrics)
     app.include_router(router)
     app.include_router(cache_purge.router)
 

@@ -23,7 +23,7 @@ from libs.common.messages import (
     CachePurgeRequest,
     host_subject,
 )
-from services.api.errors import ApiError
+from services.api.errors import ApiError, error_responses
 from services.api.routes import KeyId, Services, ServicesDep
 from services.api.schemas import CachePurgeResult, HostError, HostPurge, PurgeCacheRequest
 
@@ -38,14 +38,24 @@ FAILED = "cache_purge_failed"
 router = APIRouter(prefix="/v1", tags=["cache"])
 
 
-@router.post("/cache/purge", response_model=CachePurgeResult)
+@router.post("/cache/purge", response_model=CachePurgeResult, responses=error_responses(503))
 async def purge_cache(
     body: PurgeCacheRequest, key_id: KeyId, services: ServicesDep
 ) -> CachePurgeResult:
     """Evict cached images; images that an agent still uses are skipped and listed."""
-    hosts = [body.host_id] if body.host_id is not None else await services.store.cache_hosts()
+    cache_hosts = await services.store.cache_hosts()
+    hosts = [body.host_id] if body.host_id is not None else cache_hosts
+    # A host that lists no cached image has nothing to purge, and asking it would turn a
+    # stopped or mistyped host into a 503; it gets an empty result instead.
     results = list(
-        await asyncio.gather(*(_purge_host(services, host, body.digest) for host in hosts))
+        await asyncio.gather(
+            *(
+                _purge_host(services, host, body.digest)
+                if host in cache_hosts
+                else _nothing_cached(host)
+                for host in hosts
+            )
+        )
     )
     failed = [result for result in results if result.error is not None]
     services.audit.emit(
@@ -84,6 +94,10 @@ async def _purge_host(services: Services, host_id: str, digest: str | None) -> H
         message = f"supervisor {host_id} did not reply to the purge; try again later"
         return _failed(host_id, UNAVAILABLE, message)
     return HostPurge(host_id=host_id, purged=reply.purged, skipped=reply.skipped)
+
+
+async def _nothing_cached(host_id: str) -> HostPurge:
+    return HostPurge(host_id=host_id, purged=[], skipped=[])
 
 
 def _failed(host_id: str, code: str, message: str) -> HostPurge:

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.common import logs
@@ -22,6 +23,45 @@ logger = logging.getLogger(__name__)
 UNAUTHORIZED_MESSAGE = (
     "missing or invalid API key; send it in the X-API-Key header or as Authorization: Bearer"
 )
+
+
+class ErrorDetail(BaseModel):
+    """The `error` object of an error response."""
+
+    code: str = Field(description="Stable error code that clients can branch on.")
+    message: str = Field(description="What failed and what to do, for people.")
+    details: Any = Field(None, description="Per-field problems of a 422 response.")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response, as documented in the OpenAPI schema."""
+
+    error: ErrorDetail
+    request_id: str | None = Field(description="The request id, also in X-Request-ID.")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Return OpenAPI `responses` entries that document `statuses` with ErrorBody."""
+    return {
+        status: {"model": ErrorBody, "description": _DESCRIPTIONS.get(status, "Error.")}
+        for status in statuses
+    }
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request body, such as invalid JSON.",
+    401: "Missing or invalid API key, or a key in the query string.",
+    404: "No such agent, or no such host with cached images.",
+    409: "The agent is not in a state that allows this request.",
+    413: "Request body over the limit.",
+    422: "Invalid request: body, path or query parameter.",
+    429: "Over a rate limit; see Retry-After.",
+    502: "The agent cannot be reached.",
+    503: "A supervisor or the agent store does not respond.",
+    504: "The agent did not respond in time.",
+}
+# Every route but /healthz can get these, whatever it does.
+COMMON_ERROR_STATUSES = (400, 401, 413, 422, 429)
 
 
 class ApiError(Exception):

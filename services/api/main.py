@@ -2,7 +2,8 @@
 
 The gateway serves HTTPS with the context of services/api/tls.py, or plain HTTP when
 --insecure-http allows it. Beside it run the certificate reloader (SIGHUP and a file
-watcher) and, with --http-redirect-port, a plain HTTP listener that only redirects to HTTPS.
+watcher), with --http-redirect-port a plain HTTP listener that only redirects to HTTPS, and
+with --metrics-bind a plain HTTP listener that serves only GET /metrics.
 uvicorn keeps handling SIGINT and SIGTERM for the whole process.
 """
 
@@ -25,6 +26,7 @@ from libs.common.settings import load_settings
 from services.api.app import SERVICE, create_app
 from services.api.auth import KeyRing
 from services.api.https_redirect import FollowerServer, public_origin, redirect_config
+from services.api.metrics import GatewayMetrics, MetricsApp, MetricsKey, check_metrics_key
 from services.api.settings import ApiSettings
 from services.api.tls import CertificateReloader, create_server_context
 
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
             key_file=settings.api_keys_file,
             plain_keys=settings.api_keys.get_secret_value() if settings.api_keys else None,
         )
+        metrics_key = (
+            settings.metrics_api_key.get_secret_value() if settings.metrics_api_key else None
+        )
+        check_metrics_key(metrics_key, keyring)
     except ConfigurationError as exc:
         _exit_on_configuration_error(exc)
     if settings.serves_tls:
@@ -52,13 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         reloader = _load_certificate(settings)
         redirect_socket = _bind_redirect_socket(settings)
+        metrics_socket = _bind_metrics_socket(settings)
     except ConfigurationError as exc:
         _exit_on_configuration_error(exc)
     if reloader is None:
         _warn_plain_http(settings)
 
+    metrics = GatewayMetrics()
     gateway_config = uvicorn.Config(
-        create_app(settings, keyring=keyring),
+        create_app(settings, keyring=keyring, metrics=metrics),
         host=str(settings.listen_address),
         port=settings.listen_port,
         ssl_context_factory=_fixed_context(reloader.context) if reloader else None,
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 gateway_config,
                 reloader=reloader,
                 redirect_socket=redirect_socket,
+                metrics_listener=_metrics_listener(metrics_socket, metrics, metrics_key),
                 settings=settings,
             )
         )
@@ -116,6 +125,43 @@ def _bind_redirect_socket(settings: ApiSettings) -> socket.socket | None:
     return sock
 
 
+def _bind_metrics_socket(settings: ApiSettings) -> socket.socket | None:
+    """Bind the --metrics-bind socket now, so a port in use stops the start with its name."""
+    if settings.metrics_bind is None:
+        return None
+    address, port = settings.metrics_address_port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((str(address), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(
+            f"--metrics-bind={settings.metrics_bind}: cannot listen there: {exc.strerror or exc}"
+        ) from exc
+    return sock
+
+
+def _metrics_listener(
+    sock: socket.socket | None, metrics: GatewayMetrics, key: str | None
+) -> tuple[uvicorn.Config, socket.socket] | None:
+    """Return the uvicorn configuration and socket of the --metrics-bind listener."""
+    if sock is None:
+        return None
+    config = uvicorn.Config(
+        MetricsApp(metrics, key=MetricsKey(key) if key else None),
+        lifespan="off",
+        ws="none",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        limit_concurrency=100,
+        timeout_keep_alive=5,
+    )
+    return config, sock
+
+
 def _fixed_context(
     context: ssl.SSLContext,
 ) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
@@ -152,9 +198,10 @@ async def _serve(
     *,
     reloader: CertificateReloader | None,
     redirect_socket: socket.socket | None,
+    metrics_listener: tuple[uvicorn.Config, socket.socket] | None,
     settings: ApiSettings,
 ) -> None:
-    """Serve the gateway with the reloader and the redirect listener beside it."""
+    """Serve the gateway with the reloader, the redirect and the metrics listeners beside it."""
     gateway = uvicorn.Server(gateway_config)
     background: list[asyncio.Task[None]] = []
 
@@ -173,6 +220,13 @@ async def _serve(
             settings.http_redirect_port,
             origin,
         )
+    if metrics_listener is not None:
+        metrics_config, metrics_socket = metrics_listener
+        metrics_server = FollowerServer(metrics_config, leader=gateway)
+        background.append(
+            asyncio.create_task(metrics_server.serve(sockets=[metrics_socket]), name="metrics")
+        )
+        logger.info("metrics on http://%s/metrics", settings.metrics_bind)
     for task in background:
         task.add_done_callback(_log_task_failure)
 

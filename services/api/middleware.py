@@ -68,8 +68,9 @@ class AccessMiddleware:
 
     The AccessControl is read from `app.state.access` at each request, because the app
     creates it at startup, after Starlette has built the middleware. The request's client
-    address, key id and rate-limit headers go to `scope["state"]`, where routes and the
-    handler of unexpected errors read them.
+    address, key id, authentication, rate decision and rate-limit headers go to
+    `scope["state"]`, where routes, the metrics middleware and the handler of unexpected
+    errors read them.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -89,6 +90,8 @@ class AccessMiddleware:
         state = scope.setdefault("state", {})
         state["client"] = result.client
         state["rate_limit_headers"] = limit_headers
+        state["auth"] = result.auth
+        state["rate_decision"] = result.decision
         if result.response is not None:
             result.response.raw_headers.extend(limit_headers)
             await result.response(scope, receive, send)

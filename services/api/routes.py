@@ -39,7 +39,7 @@ from libs.common.messages import (
 )
 from libs.common.store import AgentStore
 from services.api.auth import KeyRing
-from services.api.errors import UNAUTHORIZED_MESSAGE, ApiError
+from services.api.errors import UNAUTHORIZED_MESSAGE, ApiError, error_responses
 from services.api.passthrough import Forwarder
 from services.api.schemas import AgentList, AgentLogs, AgentView, CreateAgentRequest
 from services.api.settings import ApiSettings
@@ -136,7 +136,7 @@ async def _record_or_404(services: Services, agent_id: str) -> AgentRecord:
     return record
 
 
-@router.post("/agents", status_code=202, response_model=AgentView)
+@router.post("/agents", status_code=202, response_model=AgentView, responses=error_responses(503))
 async def create_agent(
     body: CreateAgentRequest,
     key_id: KeyId,
@@ -260,13 +260,15 @@ async def list_agents(_: KeyId, services: ServicesDep) -> AgentList:
     return AgentList(agents=[AgentView.of(record) for record in records])
 
 
-@router.get("/agents/{agent_id}", response_model=AgentView)
+@router.get("/agents/{agent_id}", response_model=AgentView, responses=error_responses(404))
 async def get_agent(agent_id: AgentIdPath, _: KeyId, services: ServicesDep) -> AgentView:
     """Return one agent, including why it stopped or failed."""
     return AgentView.of(await _record_or_404(services, agent_id))
 
 
-@router.delete("/agents/{agent_id}", response_model=AgentView)
+@router.delete(
+    "/agents/{agent_id}", response_model=AgentView, responses=error_responses(404, 409, 503)
+)
 async def delete_agent(agent_id: AgentIdPath, key_id: KeyId, services: ServicesDep) -> AgentView:
     """Stop an agent and remove its container; its record stays readable."""
     record = await _record_or_404(services, agent_id)
@@ -292,7 +294,9 @@ async def delete_agent(agent_id: AgentIdPath, key_id: KeyId, services: ServicesD
     return AgentView.of(reply.record)
 
 
-@router.get("/agents/{agent_id}/logs", response_model=AgentLogs)
+@router.get(
+    "/agents/{agent_id}/logs", response_model=AgentLogs, responses=error_responses(404, 503)
+)
 async def agent_logs(
     agent_id: AgentIdPath,
     _: KeyId,
@@ -324,7 +328,10 @@ async def agent_logs(
     "/agents/{agent_id}/http/{path:path}",
     methods=PASSTHROUGH_METHODS,
     response_class=Response,
-    responses={200: {"description": "The agent's response, streamed as it sent it."}},
+    responses={
+        **error_responses(404, 409, 502, 504),
+        "default": {"description": "The agent's response, streamed as it sent it."},
+    },
 )
 async def passthrough(
     agent_id: AgentIdPath, path: str, request: Request, _: KeyId, services: ServicesDep

@@ -116,7 +116,10 @@ class CreateAgentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_url: Annotated[str, StringConstraints(min_length=8, max_length=2048)] = Field(
-        description="https:// URL of the image tarball (http:// only in the development profile)."
+        description="https:// URL of the image tarball (http:// only in the development profile).",
+        # Documents the shape that _check_url accepts, so generated clients and schema-based
+        # tests produce URLs; the validator's messages stay the ones clients see.
+        json_schema_extra={"pattern": r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!-~]*)?$"},
     )
     image_digest: ImageDigest = Field(
         description="'sha256:' and the 64 lower-case hex digits of the tarball's SHA-256."

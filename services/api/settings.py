@@ -14,6 +14,8 @@ from services.api.forwarded import ForwardedHeader
 from services.api.ratelimit import DEFAULT_KEY_PREFIX
 
 MIB = 1024 * 1024
+# Shortest --metrics-api-key accepted; secrets.token_urlsafe(32) returns 43 characters.
+MIN_METRICS_KEY_LENGTH = 32
 
 
 class ApiSettings(CommonSettings):
@@ -194,6 +196,62 @@ class ApiSettings(CommonSettings):
         description="Prefix of the rate-limit keys in Redis. Gateways with the same prefix "
         "share their buckets, which is what several processes of one deployment need.",
     )
+
+    # Metrics (services/api/metrics.py)
+    metrics_api_key: SecretStr | None = Field(
+        None,
+        description="Secret that GET /metrics on the gateway's port requires, in the "
+        "X-Metrics-Key header or as Authorization: Bearer; at least 32 characters and "
+        "different from every API key. API keys do not open /metrics. Prefer the environment "
+        "variable to the flag, which other users can see in the process list. Without this "
+        "and without --metrics-bind, the gateway serves no metrics.",
+    )
+    metrics_bind: str | None = Field(
+        None,
+        pattern=r"^[0-9.]+:[0-9]+$",
+        description="Loopback or private IPv4 address and port ('127.0.0.1:9466') of a "
+        "separate plain HTTP listener that serves only GET /metrics. The gateway's port then "
+        "serves no metrics. With --metrics-api-key as well, this listener requires the key too.",
+    )
+
+    @model_validator(mode="after")
+    def _check_metrics_options(self) -> Self:
+        if self.metrics_api_key is not None:
+            length = len(self.metrics_api_key.get_secret_value())
+            if length < MIN_METRICS_KEY_LENGTH:
+                raise ValueError(
+                    f"--metrics-api-key has {length} characters; use a random secret of at "
+                    f"least {MIN_METRICS_KEY_LENGTH}"
+                )
+        if self.metrics_bind is None:
+            return self
+        address, port = self.metrics_address_port
+        if not (address.is_loopback or address.is_private) or address.is_unspecified:
+            raise ValueError(
+                f"--metrics-bind={self.metrics_bind!r} is not an internal address; use a "
+                "loopback or private IPv4 address such as 127.0.0.1:9466"
+            )
+        if not 1 <= port <= 65535:
+            raise ValueError(f"--metrics-bind={self.metrics_bind!r} has no valid port (1-65535)")
+        if port in (self.listen_port, self.http_redirect_port):
+            raise ValueError(
+                f"--metrics-bind={self.metrics_bind!r} uses the port of another gateway "
+                "listener; choose a port of its own"
+            )
+        return self
+
+    @property
+    def metrics_address_port(self) -> tuple[IPv4Address, int]:
+        """The address and port of --metrics-bind; ValueError when it is unset or invalid."""
+        if self.metrics_bind is None:
+            raise ValueError("--metrics-bind is not set")
+        host, _, port = self.metrics_bind.rpartition(":")
+        try:
+            return IPv4Address(host), int(port)
+        except ValueError as exc:
+            raise ValueError(
+                f"--metrics-bind={self.metrics_bind!r} is not '<IPv4 address>:<port>'"
+            ) from exc
 
     @model_validator(mode="after")
     def _check_tls_options(self) -> Self:

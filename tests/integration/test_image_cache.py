@@ -363,9 +363,6 @@ def test_purge_of_one_digest_and_of_everything(
         pytest.param({"digest": "sha256:1234"}, 422, "invalid_request", id="short-digest"),
         pytest.param({"host_id": "a.*"}, 422, "invalid_request", id="wildcard-host"),
         pytest.param({"everything": True}, 422, "invalid_request", id="unknown-field"),
-        pytest.param(
-            {"host_id": "no-such-host-1"}, 503, "supervisor_unavailable", id="unknown-host"
-        ),
     ],
 )
 def test_bad_purge_removes_nothing(
@@ -379,6 +376,21 @@ def test_bad_purge_removes_nothing(
 
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
+    assert cache_state(stack.host_id) == before
+    assert cached_file(stack, cache_stack.tarballs["a"]).exists()
+
+
+def test_purge_of_host_without_cache_is_empty(api: httpx.Client, cache_stack: CacheStack) -> None:
+    stack = cache_stack.stack
+    run_once(api, cache_stack.tarballs["a"])
+    before = cache_state(stack.host_id)
+
+    response = purge(api, host_id="no-such-host-1")
+
+    assert response.status_code == 200, response.text
+    assert response.json()["hosts"] == [
+        {"host_id": "no-such-host-1", "purged": [], "skipped": [], "error": None}
+    ]
     assert cache_state(stack.host_id) == before
     assert cached_file(stack, cache_stack.tarballs["a"]).exists()
 
