@@ -1,7 +1,7 @@
 """A record of DNS messages that mitmproxy cannot parse, which reach no addon hook otherwise.
 
 mitmproxy 11.0.2 closes a DNS connection whose message does not parse (a label over 63 octets,
-a truncated packet) before any addon sees it, so the filter could not audit the attempt.
+a truncated packet) before any addon hook runs, so the filter could not audit the attempt.
 `install` wraps the DNS layer's message parser so that `on_malformed(client, size)` is called
 first; the message is still dropped and nothing is forwarded. Like the request-head limit,
 the wrapper depends on mitmproxy's internals and refuses any other version.

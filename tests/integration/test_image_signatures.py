@@ -1,8 +1,8 @@
 """Image signatures on a real stack: who may publish an image that the runner will start.
 
 The production stack trusts one ECDSA P-256 key, one Ed25519 key and a private Sigstore
-instance with a pinned identity and issuer, all made by the test (tests/support/signing.py);
-nothing reaches a public Sigstore service. Its supervisor accepts http:// image URLs
+instance with a pinned identity and issuer, all made by the test (tests/support/signing.py).
+Nothing reaches a public Sigstore service. Its supervisor accepts http:// image URLs
 explicitly and trusts the file server's origin as an image source, because the tarballs are
 served from 127.0.0.1. Each rejection is checked for its
 reason code, its audit event, and that nothing was loaded or cached.
