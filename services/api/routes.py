@@ -324,15 +324,6 @@ async def agent_logs(
     return AgentLogs(agent_id=agent_id, lines=reply.lines)
 
 
-@router.api_route(
-    "/agents/{agent_id}/http/{path:path}",
-    methods=PASSTHROUGH_METHODS,
-    response_class=Response,
-    responses={
-        **error_responses(404, 409, 502, 504),
-        "default": {"description": "The agent's response, streamed as it sent it."},
-    },
-)
 async def passthrough(
     agent_id: AgentIdPath, path: str, request: Request, _: KeyId, services: ServicesDep
 ) -> Response:
@@ -346,3 +337,18 @@ async def passthrough(
     raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
     forwarded = raw_path[len(prefix) :] if raw_path.startswith(prefix) else path.encode()
     return await services.forwarder.forward(request, record, forwarded)
+
+
+# One route per method, so that each has its own OpenAPI operation id.
+for _method in PASSTHROUGH_METHODS:
+    router.add_api_route(
+        "/agents/{agent_id}/http/{path:path}",
+        passthrough,
+        methods=[_method],
+        operation_id=f"passthrough_{_method.lower()}",
+        response_class=Response,
+        responses={
+            **error_responses(404, 409, 502, 504),
+            "default": {"description": "The agent's response, streamed as it sent it."},
+        },
+    )
