@@ -108,7 +108,11 @@ SPOOFING_HEADERS = [
     pytest.param({"Forwarded": "for=198.51.100.99"}, id="forwarded"),
     pytest.param({"X-Real-IP": "198.51.100.99"}, id="x-real-ip"),
     pytest.param(
-        {"X-Forwarded-For": "1.1.1.1", "Forwarded": "for=2.2.2.2", "X-Real-IP": "3.3.3.3"},
+        {
+            "X-Forwarded-For": "203.0.113.201",
+            "Forwarded": "for=203.0.113.202",
+            "X-Real-IP": "203.0.113.203",
+        },
         id="all-three",
     ),
 ]
@@ -179,7 +183,7 @@ def test_other_headers_ignored_behind_proxy(
     [
         pytest.param(f"{CLIENT}", CLIENT, id="one-hop"),
         pytest.param(f"{CLIENT}, 198.51.100.11", CLIENT, id="two-trusted-hops"),
-        pytest.param(f"1.1.1.1, {CLIENT}, 198.51.100.11", CLIENT, id="spoofed-left-part"),
+        pytest.param(f"203.0.113.201, {CLIENT}, 198.51.100.11", CLIENT, id="spoofed-left-part"),
         pytest.param(f"garbage, {CLIENT}", CLIENT, id="garbage-left-of-client"),
         pytest.param("198.51.100.12, 198.51.100.11", "198.51.100.12", id="all-trusted"),
         pytest.param(f"{CLIENT}, garbage", PROXY, id="garbage-from-proxy"),
@@ -194,7 +198,9 @@ def test_chain_walked_from_right(chain: str, expected: str) -> None:
 
 
 def test_chain_over_several_header_lines() -> None:
-    headers = raw([("X-Forwarded-For", "1.1.1.1"), ("X-Forwarded-For", f"{CLIENT}, 198.51.100.11")])
+    headers = raw(
+        [("X-Forwarded-For", "203.0.113.201"), ("X-Forwarded-For", f"{CLIENT}, 198.51.100.11")]
+    )
 
     assert resolver().resolve(PROXY, headers).address == CLIENT
 
@@ -208,7 +214,7 @@ def test_chain_read_at_most_max_hops() -> None:
 
 
 def test_forwarded_chain_walked_from_right() -> None:
-    value = f'for=1.1.1.1, for="[2001:db8::7]:5000", for={PROXY}'
+    value = f'for=203.0.113.201, for="[2001:db8::7]:5000", for={PROXY}'
 
     client = resolver(ForwardedHeader.FORWARDED).resolve("198.51.100.11", raw({"Forwarded": value}))
 
