@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -166,3 +167,62 @@ def _describe(error: ErrorDetails) -> str:
         return error["msg"].removeprefix("Value error, ")
     option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
     return f"{option}={error.get('input')!r}: {error['msg']}"
+
+
+class SandboxProxySettings(CommonSettings):
+    """The sandbox network and the proxy ports on its gateway, which netguard and the proxy share.
+
+    Both services must agree on these values, so they read the same flags and variables.
+    """
+
+    sandbox_subnet: IPv4Network = Field(
+        IPv4Network("172.30.0.0/16"),
+        description="Subnet of the sandbox network; keep it equal to the supervisor's.",
+    )
+    sandbox_gateway: IPv4Address | None = Field(
+        None,
+        description="Address of the host on the sandbox bridge, where the proxy listens "
+        "(default: the first address of --sandbox-subnet, as Docker assigns it).",
+    )
+    proxy_transparent_port: int = Field(
+        15001,
+        ge=1,
+        le=65535,
+        description="Proxy port of the transparent mode, to which netguard redirects agents' "
+        "TCP 80 and 443.",
+    )
+    proxy_dns_port: int = Field(
+        15053,
+        ge=1,
+        le=65535,
+        description="Proxy port of the DNS filter, to which netguard redirects agents' UDP and "
+        "TCP 53.",
+    )
+    proxy_explicit_port: int = Field(
+        15080,
+        ge=1,
+        le=65535,
+        description="Proxy port of the explicit HTTP proxy (HTTP_PROXY, CONNECT), which agents "
+        "may connect to directly.",
+    )
+
+    @model_validator(mode="after")
+    def _check_sandbox_network(self) -> Self:
+        gateway = self.gateway_address
+        if gateway not in self.sandbox_subnet or gateway in (
+            self.sandbox_subnet.network_address,
+            self.sandbox_subnet.broadcast_address,
+        ):
+            raise ValueError(
+                f"--sandbox-gateway {gateway} is not a host address of --sandbox-subnet "
+                f"{self.sandbox_subnet}"
+            )
+        ports = {self.proxy_transparent_port, self.proxy_dns_port, self.proxy_explicit_port}
+        if len(ports) != 3:
+            raise ValueError("the three --proxy-*-port settings must be different ports")
+        return self
+
+    @property
+    def gateway_address(self) -> IPv4Address:
+        """The host's address on the sandbox bridge."""
+        return self.sandbox_gateway or next(self.sandbox_subnet.hosts())

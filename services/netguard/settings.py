@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from typing import Self
 
 from pydantic import Field, model_validator
 
-from libs.common.settings import CommonSettings
+from libs.common.settings import SandboxProxySettings
 
 
-class NetguardSettings(CommonSettings):
+class NetguardSettings(SandboxProxySettings):
     """Everything netguard needs to build, apply and check the sandbox firewall."""
 
     disable_firewall: bool = Field(
@@ -25,32 +25,11 @@ class NetguardSettings(CommonSettings):
         description="Name of netguard's nftables tables (inet and bridge). Each netguard on a "
         "host needs its own.",
     )
-    sandbox_subnet: IPv4Network = Field(
-        IPv4Network("172.30.0.0/16"),
-        description="Subnet of the sandbox network; keep it equal to the supervisor's.",
-    )
     sandbox_bridge: str = Field(
         "ar-sandbox0",
         pattern=r"^[A-Za-z0-9_.-]{1,15}$",
         description="Linux bridge interface of the sandbox network; keep it equal to the "
         "supervisor's.",
-    )
-    sandbox_gateway: IPv4Address | None = Field(
-        None,
-        description="Address of the host on the sandbox bridge, where the proxy listens "
-        "(default: the first address of --sandbox-subnet, as Docker assigns it).",
-    )
-    proxy_transparent_port: int = Field(
-        15001, ge=1, le=65535, description="Proxy port that agents' TCP 80 and 443 go to."
-    )
-    proxy_dns_port: int = Field(
-        15053, ge=1, le=65535, description="Proxy DNS port that agents' UDP and TCP 53 go to."
-    )
-    proxy_explicit_port: int = Field(
-        15080,
-        ge=1,
-        le=65535,
-        description="Explicit HTTP proxy port that agents may connect to directly.",
     )
     metrics_address: IPv4Address = Field(
         IPv4Address("127.0.0.1"),
@@ -76,21 +55,4 @@ class NetguardSettings(CommonSettings):
                 "the internet, the host and each other. Use --profile development to test "
                 "without it"
             )
-        gateway = self.gateway_address
-        if gateway not in self.sandbox_subnet or gateway in (
-            self.sandbox_subnet.network_address,
-            self.sandbox_subnet.broadcast_address,
-        ):
-            raise ValueError(
-                f"--sandbox-gateway {gateway} is not a host address of --sandbox-subnet "
-                f"{self.sandbox_subnet}"
-            )
-        ports = {self.proxy_transparent_port, self.proxy_dns_port, self.proxy_explicit_port}
-        if len(ports) != 3:
-            raise ValueError("the three --proxy-*-port settings must be different ports")
         return self
-
-    @property
-    def gateway_address(self) -> IPv4Address:
-        """The host's address on the sandbox bridge."""
-        return self.sandbox_gateway or next(self.sandbox_subnet.hosts())

@@ -102,7 +102,6 @@ class ClientState:
     # The target a decrypted TLS connection was pinned to; its requests reuse it.
     tls_target: Target | None = None
     records: list[DecisionRecord] = field(default_factory=list)
-    tls_decided: bool = False
 
 
 class Denied(Exception):

@@ -2,49 +2,25 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Self
 
 from pydantic import Field, model_validator
 
-from libs.common.settings import CommonSettings
+from libs.common.settings import SandboxProxySettings
 from services.proxy.policy import DomainPolicy
 
 
-class ProxySettings(CommonSettings):
+class ProxySettings(SandboxProxySettings):
     """Everything the egress proxy needs to decide, limit and audit agents' requests."""
 
-    sandbox_subnet: IPv4Network = Field(
-        IPv4Network("172.30.0.0/16"),
-        description="Subnet of the sandbox network; keep it equal to the supervisor's.",
-    )
-    sandbox_gateway: IPv4Address | None = Field(
-        None,
-        description="Address of the host on the sandbox bridge, where the proxy listens "
-        "(default: the first address of --sandbox-subnet, as Docker assigns it).",
-    )
     listen_wait: float = Field(
         60.0,
         ge=0,
         le=3600,
         description="Seconds to wait at start for the sandbox gateway address to appear (the "
         "supervisor's sandbox network creates it) before giving up.",
-    )
-    proxy_transparent_port: int = Field(
-        15001,
-        ge=1,
-        le=65535,
-        description="Port of the transparent mode; netguard sends agents' TCP 80 and 443 here.",
-    )
-    proxy_dns_port: int = Field(
-        15053,
-        ge=1,
-        le=65535,
-        description="Port of the DNS filter; netguard sends agents' UDP and TCP 53 here.",
-    )
-    proxy_explicit_port: int = Field(
-        15080, ge=1, le=65535, description="Port of the explicit HTTP proxy (HTTP_PROXY, CONNECT)."
     )
     allowed_domains: list[str] = Field(
         default_factory=list,
@@ -127,19 +103,7 @@ class ProxySettings(CommonSettings):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> Self:
-        gateway = self.gateway_address
-        if gateway not in self.sandbox_subnet or gateway in (
-            self.sandbox_subnet.network_address,
-            self.sandbox_subnet.broadcast_address,
-        ):
-            raise ValueError(
-                f"--sandbox-gateway {gateway} is not a host address of --sandbox-subnet "
-                f"{self.sandbox_subnet}"
-            )
-        ports = {self.proxy_transparent_port, self.proxy_dns_port, self.proxy_explicit_port}
-        if len(ports) != 3:
-            raise ValueError("the three --proxy-*-port settings must be different ports")
+    def _check_policy(self) -> Self:
         try:
             DomainPolicy(
                 allowed=tuple(self.allowed_domains),
@@ -152,8 +116,3 @@ class ProxySettings(CommonSettings):
         if bad_ports:
             raise ValueError(f"--allowed-ports {bad_ports} are not TCP ports (1 to 65535)")
         return self
-
-    @property
-    def gateway_address(self) -> IPv4Address:
-        """The host's address on the sandbox bridge."""
-        return self.sandbox_gateway or next(self.sandbox_subnet.hosts())
