@@ -54,7 +54,7 @@ class AuthReason(StrEnum):
 
 
 class Credential(StrEnum):
-    """Where the request carried its key."""
+    """Place in the request that carried the key."""
 
     X_API_KEY = "x-api-key"
     BEARER = "bearer"
@@ -64,7 +64,7 @@ class Credential(StrEnum):
 
 @dataclass(frozen=True, kw_only=True)
 class Authentication:
-    """The outcome of authenticating one request; it never holds the key itself.
+    """The outcome of authenticating one request. It never contains the key itself.
 
     `key_id` is the id of the matching key: the caller's on success, and for
     `api_key_in_query` the key that the URL exposed, if it is a valid one, so that it can be

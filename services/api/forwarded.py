@@ -42,7 +42,7 @@ class ForwardedHeader(StrEnum):
 
 @dataclass(frozen=True)
 class ClientAddress:
-    """Where a request came from.
+    """Origin of a request.
 
     `address` is the client's address as text, or `unknown` when the server gave no IP
     address, as for a Unix socket. `bucket` is the rate-limit identity derived from it. `peer`

@@ -1,8 +1,8 @@
 """The mitmproxy addon that decides, pins, limits and records every request an agent makes.
 
-Each client connection is mapped to an agent by its source address, from the policies the
-supervisor registers (netguard keeps them in Redis); an unknown source is closed at once. For
-every HTTP request, CONNECT and TLS connection the addon:
+Each client connection is mapped to an agent by its source address, using the policies that
+the supervisor registers and netguard keeps in Redis. A connection from an unknown source is
+closed at once. For every HTTP request, CONNECT and TLS connection the addon:
 
 1. takes the host the agent named (Host, the absolute URL, CONNECT or the TLS server name) and
    requires the names of one exchange to agree;
@@ -73,8 +73,8 @@ _MAX_POLICIES = 1024
 _PENDING = Decision.deny(Reason.UNKNOWN_AGENT, "no agent for this connection")
 
 
-class _Refuse(layer.Layer):
-    """A layer that closes the client connection as soon as it starts: a denied handshake."""
+class _CloseClient(layer.Layer):
+    """A layer that closes the client connection as soon as it starts, for a denied handshake."""
 
     def _handle_event(self, event: Any) -> layer.CommandGenerator[None]:
         yield commands.CloseConnection(self.context.client)
@@ -251,7 +251,7 @@ class EgressFilter(NextLayer):
             state = None
         data.server.error = problem
         logger.error(
-            "refused an upstream connection: %s",
+            "rejected an upstream connection: %s",
             problem,
             extra={logs.AGENT_ID: state.agent.agent_id if state else None},
         )
@@ -517,7 +517,7 @@ class EgressFilter(NextLayer):
         context = nextlayer.context
         state = self.states.get(context.client.id)
         if state is None:
-            nextlayer.layer = _Refuse(context)
+            nextlayer.layer = _CloseClient(context)
             return
         top_of_explicit = state.mode == "explicit" and len(context.layers) <= 2
         if state.mode == "dns" or top_of_explicit or context.client.tls:
@@ -531,23 +531,23 @@ class EgressFilter(NextLayer):
             # to parse as HTTP and is closed (rawtcp is off).
             super().next_layer(nextlayer)
             return
-        refused: Decision | None = None
+        rejection: Decision | None = None
         try:
             hello = parse_client_hello(data)
         except ValueError:
             hello = None
-            refused = Decision.deny(Reason.PROTOCOL_NOT_ALLOWED, "malformed TLS ClientHello")
+            rejection = Decision.deny(Reason.PROTOCOL_NOT_ALLOWED, "malformed TLS ClientHello")
         else:
             if hello is None:
                 return  # wait for the rest of the ClientHello
-        await self._decide_tls(nextlayer, state, hello, refused)
+        await self._decide_tls(nextlayer, state, hello, rejection)
 
     async def _decide_tls(
         self,
         nextlayer: layer.NextLayer,
         state: ClientState,
         hello: Any,
-        refused: Decision | None,
+        rejection: Decision | None,
     ) -> None:
         context = nextlayer.context
         record = self._record(
@@ -559,8 +559,8 @@ class EgressFilter(NextLayer):
         port = context.server.address[1] if context.server.address else 0
         record.port = port
         try:
-            if refused is not None:
-                raise Denied(refused)
+            if rejection is not None:
+                raise Denied(rejection)
             sni = hello.sni
             record.host = sni
             if not sni:
@@ -582,7 +582,7 @@ class EgressFilter(NextLayer):
                 target = await self._resolve(state, sni, port)
         except Denied as denied:
             record.finish(decision=denied.decision)
-            nextlayer.layer = _Refuse(context)
+            nextlayer.layer = _CloseClient(context)
             return
         record.host = target.host
         record.port = target.port
@@ -590,7 +590,7 @@ class EgressFilter(NextLayer):
         record.decision = Decision.allow(f"TLS to {target.host!r} via {target.address}")
         if context.client.id not in self.states:
             record.finish()  # the client left while the ClientHello was decided
-            nextlayer.layer = _Refuse(context)
+            nextlayer.layer = _CloseClient(context)
             return
         self._approve(state, target)
         context.server.address = (str(target.address), target.port)

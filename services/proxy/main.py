@@ -236,9 +236,8 @@ async def run(settings: ProxySettings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, master.shutdown)
-        # Full garbage collections walk every object of mitmproxy and its addons and stalled
-        # requests for tens of milliseconds under load; objects alive once start-up settled
-        # are moved out of their reach.
+        # Under load, full garbage collections walked every object of mitmproxy and stalled
+        # requests for tens of milliseconds. Objects alive after start-up are frozen out of them.
         loop.call_later(FREEZE_AFTER_SECONDS, _freeze_startup_objects)
         audit.emit(
             "service.started",

@@ -122,7 +122,7 @@ class Resolver:
                 problems.append(f"{server}: {dns.rcode.to_text(rcode)}")
                 continue
             return _addresses(response, rdtype)
-        raise ResolutionError(name, "; ".join(problems) or "no resolver answered")
+        raise ResolutionError(name, "; ".join(problems) or "no resolver returned a response")
 
 
 def _addresses(response: dns.message.Message, rdtype: int) -> Answer:

@@ -56,7 +56,7 @@ class ProxySettings(SandboxProxySettings):
         30,
         ge=0,
         le=3600,
-        description="Longest time a checked DNS answer is reused, and the longest TTL given to "
+        description="Maximum time a checked DNS answer is reused, and the maximum TTL given to "
         "agents; shorter upstream TTLs win, 0 turns the cache off.",
     )
     max_request_header_bytes: int = Field(

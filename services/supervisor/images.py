@@ -46,7 +46,7 @@ class ResolvedImage:
 
 @dataclass(frozen=True, kw_only=True)
 class SignatureCheck:
-    """What a start request brings to prove its image's publisher, and whether it must."""
+    """The signature or bundle of a start request, and whether the image must be signed."""
 
     policy: SignaturePolicy | None
     required: bool
@@ -58,8 +58,8 @@ class SignatureCheck:
 
         Raises ImageRejected when a signature is required or given and does not verify.
         """
-        given = bool(self.signature and self.signature.strip()) or self.bundle is not None
-        if not given and not self.required:
+        present = bool(self.signature and self.signature.strip()) or self.bundle is not None
+        if not present and not self.required:
             return None
         if self.policy is None:
             raise ImageRejected(

@@ -3,11 +3,11 @@
 The supervisor downloads a tarball and checks its digest, then calls `inspect_image_tarball`,
 and only a tarball that passes goes on to the image config checks and `docker load`. The
 checks read tar headers, including the headers inside each layer (layer_entries.py), and a
-few small JSON members into memory and extract nothing. So a hostile archive is rejected
-before it can write outside the daemon's temporary folder, plant links or device files, hide
-a second image, or fill the disk through its member sizes, a compressed layer or a sparse file
-inside a layer. They also return the config digest, which is the image ID that Docker must
-report after the load.
+few small JSON members into memory and extract nothing. A hostile archive is therefore rejected
+before it can write outside the daemon's temporary folder, plant links or device files, or
+hide a second image. It also cannot fill the disk through its member sizes, a compressed
+layer or a sparse file inside a layer. The checks also return the config digest, which is the
+image ID that Docker must report after the load.
 
 Two layouts are accepted: the legacy layout of `docker save` in Docker 20.10 (checked against
 a real save) and the OCI layout that Docker 25 and later write (moby

@@ -34,7 +34,7 @@ import redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The proxy runs under its own user id in tests, so an nftables rule can confine where it
-# connects; no account with this id needs to exist.
+# connects. No account with this id needs to exist.
 PROXY_UID = 64_321
 # Where the proxy under test may send packets besides loopback and the sandbox subnet: the
 # fake hosts of tests/support (documentation networks and one link-local test address).

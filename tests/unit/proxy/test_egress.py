@@ -1,7 +1,7 @@
 """Unit tests of the egress filter's decisions with mitmproxy's test flows and fake lookups.
 
 Redis, the resolver and the audit stream are replaced by small fakes so that each rule of the
-filter can be checked alone; the integration tests run the same code against the real ones.
+filter can be checked alone. The integration tests run the same code against the real ones.
 """
 
 from __future__ import annotations
