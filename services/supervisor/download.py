@@ -76,6 +76,18 @@ def check_image_url(url: str, *, allow_http: bool) -> ImageUrl:
     return parse_image_url(url, allow_http=allow_http)
 
 
+def check_requested_source(url: str, limits: DownloadLimits) -> ImageUrl:
+    """Check the scheme and trusted source of a requested URL without connecting anywhere.
+
+    Runs on every start, also when the digest is already cached: otherwise anyone who knows
+    the digest of a cached image could start it from any URL, without access to its source.
+    Raises ImageRejected with reason `url_not_allowed` or `source_not_trusted`.
+    """
+    checked = check_image_url(url, allow_http=limits.allow_http)
+    trusted_source_for(checked, limits.trusted_sources)
+    return checked
+
+
 def resolve_host(name: str, port: int, timeout: float) -> tuple[IPAddress, ...]:
     """Return the addresses of `name` from the C library's getaddrinfo, in its order.
 

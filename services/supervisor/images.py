@@ -1,12 +1,13 @@
 """From image URL and digest to a loaded, verified Docker image ID.
 
-Order of steps, each failing closed: cache lookup, streaming download with digest check,
-signature check (on every start, cached or not), tarball structure checks, image
-configuration checks, retag check, `docker load`, and a check that the loaded image ID equals
-the config digest named by the manifest. Verified tarballs are
-kept in a content-addressed folder (`<cache_dir>/sha256/<hex>.tar`), so a second start of the
-same digest skips the download; a tarball enters the cache only after every check passed.
-The cache manager (cache_manager.py) records each use and evicts tarballs from that folder.
+Order of steps, each failing closed: URL scheme and trusted source (also for cached digests),
+cache lookup, streaming download with digest check, signature check (on every start, cached or
+not), tarball structure checks, image configuration checks, retag check, `docker load`, and a
+check that the loaded image ID equals the config digest named by the manifest. Verified
+tarballs are kept in a content-addressed folder (`<cache_dir>/sha256/<hex>.tar`), so a second
+start of the same digest skips the download; a tarball enters the cache only after every check
+passed. The cache manager (cache_manager.py) records each use and evicts tarballs from that
+folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from libs.common import logs
 from services.supervisor.docker_adapter import DockerAdapter
-from services.supervisor.download import DownloadLimits, download_image
+from services.supervisor.download import DownloadLimits, check_requested_source, download_image
 from services.supervisor.errors import FailureReason, ImageRejected
 from services.supervisor.image_config import check_image_config
 from services.supervisor.signatures import SignaturePolicy, Verified, verify_image_signature
@@ -159,6 +160,7 @@ class ImageStore:
         a check is loaded or cached.
         """
         check = signatures or SignatureCheck(policy=None, required=False)
+        check_requested_source(url, self._download_limits)
         with self._lock_for(digest):
             cached = self.cached_tarball(digest)
             # An Ed25519 signature covers the whole file, so a loaded image is reused only

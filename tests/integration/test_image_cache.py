@@ -395,6 +395,37 @@ def test_purge_of_host_without_cache_is_empty(api: httpx.Client, cache_stack: Ca
     assert cached_file(stack, cache_stack.tarballs["a"]).exists()
 
 
+def test_cached_digest_needs_a_trusted_url(
+    api: httpx.Client, cache_stack: CacheStack, docker_client: docker.DockerClient
+) -> None:
+    # Knowing the digest of a cached image must not let a client start it from a URL the
+    # supervisor would never download from. The URL is never connected to.
+    stack, a = cache_stack.stack, cache_stack.tarballs["a"]
+    run_once(api, a)
+    before = cache_state(stack.host_id)[0][a.digest]
+
+    response = api.post(
+        "/v1/agents",
+        params={"wait": "true"},
+        json={"image_url": "http://198.51.100.7/agent.tar", "image_digest": a.digest},
+    )
+
+    assert response.status_code == 202, response.text
+    agent = response.json()
+    assert agent["state"] == "failed", agent
+    assert agent["failure_reason"] == "source_not_trusted"
+    assert "--trusted-image-sources lists " + a.url.rpartition("/")[0] in agent["failure_message"]
+    after = cache_state(stack.host_id)[0][a.digest]
+    assert (after.hits, after.misses) == (before.hits, before.misses)
+    assert cached_file(stack, a).exists()
+    assert (
+        docker_client.containers.list(
+            all=True, filters={"label": f"io.agent-runner.agent-id={agent['agent_id']}"}
+        )
+        == []
+    )
+
+
 def test_purge_needs_api_key(cache_stack: CacheStack, api: httpx.Client) -> None:
     stack = cache_stack.stack
     run_once(api, cache_stack.tarballs["a"])
