@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings
 
 from libs.common.settings import ENV_PREFIX, CommonSettings
 from services.api.settings import ApiSettings
+from services.audit.settings import AuditSettings
 from services.netguard.settings import NetguardSettings
 from services.proxy.settings import ProxySettings
 from services.supervisor.settings import SupervisorSettings
@@ -21,6 +22,7 @@ OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 SECTIONS: list[tuple[str, type[BaseSettings], set[str]]] = [
     ("Every service", CommonSettings, set()),
     ("Gateway (`agent-runner-api`)", ApiSettings, set(CommonSettings.model_fields)),
+    ("Audit sink (`agent-runner-audit`)", AuditSettings, set(CommonSettings.model_fields)),
     ("Netguard (`agent-runner-netguard`)", NetguardSettings, set(CommonSettings.model_fields)),
     ("Proxy (`agent-runner-proxy`)", ProxySettings, set(CommonSettings.model_fields)),
     (

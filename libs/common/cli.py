@@ -1,9 +1,10 @@
-"""The `agent-runner` command: API key management and reading the audit stream."""
+"""The `agent-runner` command: API key management, the audit stream and the audit files."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -11,20 +12,29 @@ from typing import Annotated, NoReturn
 import nats.errors
 import typer
 
-from libs.common import bus
+from libs.common import audit_tail, bus
 from libs.common.apikeys import (
     KEY_ID_PATTERN,
     generate_key,
     key_file_line,
     read_key_file,
 )
+from libs.common.audit_records import (
+    PUBLIC_KEY_PATTERN,
+    generate_signing_key,
+    load_public_key,
+    write_public_key,
+)
+from libs.common.audit_verify import VerificationError, verify_directory
 from libs.common.errors import CommonError, ConfigurationError
 from libs.common.messages import AUDIT_STREAM, AuditEvent
 from libs.common.settings import CommonSettings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
-audit_app = typer.Typer(no_args_is_help=True, help="Read the audit stream.")
+audit_app = typer.Typer(
+    no_args_is_help=True, help="Read the audit stream, and verify and read the audit files."
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 
@@ -116,6 +126,109 @@ async def _read_events(settings: CommonSettings, *, limit: int) -> list[AuditEve
         return events
     finally:
         await client.close()
+
+
+AuditDir = Annotated[
+    Path, typer.Argument(help="Folder of the audit segments (the sink's --audit-dir).")
+]
+
+
+@audit_app.command("verify")
+def audit_verify(
+    directory: AuditDir,
+    key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Trusted verification key (PEM); repeat for rotated keys. Default: the "
+            "audit-key-*.pub files in DIR, which only prove anything if DIR is trusted."
+        ),
+    ] = None,
+    allow_unsigned_tail: Annotated[
+        bool,
+        typer.Option(help="Accept records after the last checkpoint, as in a live log."),
+    ] = False,
+    witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SEQ:SHA256 of a record that must be in the log, as in the sink's 'wrote "
+            "<reason> checkpoint SEQ:SHA256' log lines; repeatable."
+        ),
+    ] = None,
+) -> None:
+    """Check the hash chain and the signed checkpoints of DIR; exit 1 at the first bad record."""
+    paths = key or sorted(directory.glob(PUBLIC_KEY_PATTERN))
+    if not paths:
+        _fail(f"no verification key: pass --key, or keep the audit-key-*.pub files in {directory}")
+    if not key:
+        typer.echo(
+            f"warning: using the verification keys stored in {directory}; pass --key with a "
+            "copy kept elsewhere to detect a log re-signed with another key",
+            err=True,
+        )
+    witnesses = _parse_witnesses(witness or [])
+    try:
+        keys = [load_public_key(path) for path in paths]
+        report = verify_directory(
+            directory, keys, allow_unsigned_tail=allow_unsigned_tail, witnesses=witnesses
+        )
+    except VerificationError as exc:
+        typer.echo(f"agent-runner: audit log invalid: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    start = "the first record" if report.complete else f"retained seq {report.first_seq}"
+    typer.echo(
+        f"ok: {report.records} records in {report.segments} segment(s), from {start} to seq "
+        f"{report.last_seq}; last checkpoint at seq {report.last_checkpoint_seq}, "
+        f"{report.unsigned_tail} record(s) after it"
+    )
+
+
+def _parse_witnesses(values: list[str]) -> dict[int, str]:
+    witnesses = {}
+    for value in values:
+        seq, _, digest = value.partition(":")
+        if not seq.isdigit() or re.fullmatch(r"[0-9a-f]{64}", digest) is None:
+            _fail(f"--witness {value!r} is invalid; expected SEQ:SHA256 (64 lowercase hex digits)")
+        witnesses[int(seq)] = digest
+    return witnesses
+
+
+@audit_app.command("tail")
+def audit_tail_command(
+    directory: AuditDir,
+    lines: Annotated[int, typer.Option(help="Number of newest records to print.", min=0)] = 20,
+    follow: Annotated[bool, typer.Option(help="Keep printing records as they are written.")] = (
+        False
+    ),
+) -> None:
+    """Print the newest records of DIR, one safe line each (escape sequences are shown)."""
+    if not directory.is_dir():
+        _fail(f"audit folder {str(directory)!r} does not exist")
+    records, segment, offset = audit_tail.last_lines(directory, lines)
+    for raw in records:
+        typer.echo(audit_tail.format_record(raw))
+    if follow:
+        try:
+            for raw in audit_tail.follow(directory, segment, offset):
+                typer.echo(audit_tail.format_record(raw))
+        except KeyboardInterrupt:
+            return
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    file: Annotated[Path, typer.Argument(help="Private key file to create (mode 600).")],
+) -> None:
+    """Create an Ed25519 signing key for --audit-signing-key and its .pub verification key."""
+    try:
+        signer = generate_signing_key(file)
+    except FileExistsError:
+        _fail(f"{file} exists; the sink's key is never overwritten, pick another name")
+    except OSError as exc:
+        _fail(f"cannot create {file}: {exc.strerror}")
+    public = write_public_key(file.parent, signer.public_key)
+    typer.echo(f"created {file} (key id {signer.key_id}); verification key: {public}")
 
 
 def main() -> None:
