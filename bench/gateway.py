@@ -3,15 +3,19 @@
 Run from the repository root: `.venv/bin/python -m bench.gateway [--concurrency N] [--seconds S]`.
 
 Two servers run side by side, each in a process of its own with the same uvicorn settings as
-`agent-runner-api` (services/api/main.py: default event loop and HTTP parser, no access log,
-`limit_concurrency=2000`, `timeout_keep_alive=5`):
+`agent-runner-api` (services/api/main.py: uvicorn's automatic choice of event loop and HTTP
+parser, which is uvloop and httptools when `uvicorn[standard]` is installed, no access log,
+`limit_concurrency=2000`, `timeout_keep_alive=5`). The report names that loop and parser.
+The two servers:
 
 - gateway: the real `agent-runner-api` with its own nats-server and the shared Redis, rate
   limits far above the offered load so that every request is checked and none is rejected.
-  The route is `GET /v1/agents/<unknown id>` with an API key, which costs the key check, three
-  rate-limit buckets in one Redis script call, the request-id, metrics and body-limit
-  middleware, one Redis GET for the record and a 404 error body. With
-  `--path /v1/agents/ag-unknown` the id has the wrong form and the Redis GET is skipped.
+  The route is `GET /v1/agents/<unknown id>` with an API key, which costs the key check, four
+  rate-limit buckets (one of them only checked) in one Redis script call, the request-id,
+  metrics and body-limit middleware, one Redis GET for the record and a 404 error body. The
+  gateway sends the script calls and the GETs of the requests of one event-loop turn in one
+  pipeline each. With `--path /v1/agents/ag-unknown` the id has the wrong form and the Redis
+  GET is skipped.
 - bare: a FastAPI app with one route of the same path that returns the same kind of 404 JSON
   body without middleware, Redis or a key.
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -242,8 +247,20 @@ def gateway_server(folder: Path) -> Iterator[Stack]:
         stack._forget_cache_state()
 
 
+def server_stack() -> str:
+    """Name the event loop and HTTP parser that uvicorn's automatic choice picks here.
+
+    uvicorn 0.55 takes uvloop and httptools when it can import them (uvicorn/loops/auto.py,
+    uvicorn/protocols/http/auto.py). Both servers run from this venv, so both get the same.
+    """
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} event loop, {parser} HTTP parser"
+
+
 def report(results: list[RunResult]) -> float:
     """Print each run and the totals; return the ratio of gateway to bare throughput."""
+    print(f"both servers: uvicorn {uvicorn.__version__}, {server_stack()}")
     print(f"{'run':<10}{'requests':>10}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     for result in results:
         print(

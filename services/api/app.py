@@ -8,18 +8,20 @@ schemas. Connections open when the server starts the app.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from redis.asyncio import Redis
 from starlette.responses import JSONResponse
 
 from libs.common import bus
 from libs.common.audit import AuditPublisher
 from libs.common.messages import AuditOutcome
-from libs.common.store import AgentStore, connect_redis
+from libs.common.store import connect_redis
 from services.api import cache_purge
 from services.api.access import AccessControl, AccessLimits
 from services.api.auth import KeyRing
@@ -43,6 +45,7 @@ from services.api.readiness import (
     readiness,
     redis_answers,
 )
+from services.api.records import GatewayAgentStore, connect_read_redis
 from services.api.routes import (
     Services,
     reject_unknown_query,
@@ -80,6 +83,15 @@ def metrics_key_on_gateway_port(settings: ApiSettings) -> MetricsKey | None:
     return MetricsKey(settings.metrics_api_key.get_secret_value())
 
 
+def _freeze_startup_objects() -> None:
+    # The app, its routes and their pydantic models are long-lived. Frozen, they are no longer
+    # scanned by every full collection, which the garbage of each request triggers now and
+    # then.
+    gc.collect()
+    gc.freeze()
+    logger.info("moved %d start-up objects out of garbage collection", gc.get_freeze_count())
+
+
 def _add_middleware(app: FastAPI, settings: ApiSettings, metrics: GatewayMetrics) -> None:
     # Starlette runs the middleware added last first.
     app.add_middleware(
@@ -91,6 +103,32 @@ def _add_middleware(app: FastAPI, settings: ApiSettings, metrics: GatewayMetrics
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
         MetricsMiddleware, metrics=metrics, key=metrics_key_on_gateway_port(settings)
+    )
+
+
+def _access_control(
+    settings: ApiSettings, *, keyring: KeyRing, redis: Redis, audit: AuditPublisher
+) -> AccessControl:
+    """Return the access control of `settings`, counting in `redis` and auditing to `audit`."""
+
+    def on_backend_change(backend: Backend, detail: str) -> None:
+        audit.emit(
+            "ratelimit.backend_changed",
+            outcome=AuditOutcome.INFO,
+            actor=SERVICE,
+            reason_code=f"counting_{backend.value}",
+            details={"backend": backend.value, "detail": detail},
+        )
+
+    return AccessControl(
+        keyring=keyring,
+        limiter=RateLimiter(
+            RedisBuckets(redis, key_prefix=settings.rate_limit_key_prefix),
+            on_backend_change=on_backend_change,
+        ),
+        resolver=ClientAddressResolver(settings.trusted_proxies, header=settings.forwarded_header),
+        limits=access_limits(settings),
+        audit=audit,
     )
 
 
@@ -110,7 +148,10 @@ def create_app(
             await bus.ensure_audit_stream(nats), service=SERVICE, host=settings.host_id
         )
         audit.start()
-        store = AgentStore(connect_redis(settings))
+        reads_redis = connect_read_redis(settings)
+        store = GatewayAgentStore(
+            connect_redis(settings), reads=reads_redis, read_timeout=settings.nats_timeout
+        )
         await store.ping()
         firewall = FirewallStates()
         await firewall.follow(nats)
@@ -120,28 +161,7 @@ def create_app(
         await proxies.follow(nats)
         app.state.proxies = proxies
         limiter_redis = connect_limiter_redis(settings)
-
-        def on_backend_change(backend: Backend, detail: str) -> None:
-            audit.emit(
-                "ratelimit.backend_changed",
-                outcome=AuditOutcome.INFO,
-                actor=SERVICE,
-                reason_code=f"counting_{backend.value}",
-                details={"backend": backend.value, "detail": detail},
-            )
-
-        access = AccessControl(
-            keyring=keyring,
-            limiter=RateLimiter(
-                RedisBuckets(limiter_redis, key_prefix=settings.rate_limit_key_prefix),
-                on_backend_change=on_backend_change,
-            ),
-            resolver=ClientAddressResolver(
-                settings.trusted_proxies, header=settings.forwarded_header
-            ),
-            limits=access_limits(settings),
-            audit=audit,
-        )
+        access = _access_control(settings, keyring=keyring, redis=limiter_redis, audit=audit)
         access.start()
         app.state.access = access
         forwarder = Forwarder(
@@ -164,6 +184,7 @@ def create_app(
             details={
                 "settings": settings.redacted(),
                 "api_keys": len(keyring),
+                "api_key_ids": keyring.key_ids,
                 "relaxed": list(settings.relaxed_settings()),
             },
         )
@@ -173,6 +194,7 @@ def create_app(
             settings.listen_port,
             len(keyring),
         )
+        _freeze_startup_objects()
         try:
             yield
         finally:
@@ -181,6 +203,7 @@ def create_app(
             audit.emit("service.stopped", outcome=AuditOutcome.INFO, actor=SERVICE)
             await forwarder.close()
             await limiter_redis.aclose()
+            await reads_redis.aclose()
             await audit.close()
             await nats.drain()
             logger.info("gateway stopped")
@@ -193,7 +216,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        dependencies=[Depends(reject_unknown_query)],
+        # Routes under /v1 check the query through require_caller. The routes defined below
+        # name reject_unknown_query themselves, and so must any route added here.
         responses=error_responses(*COMMON_ERROR_STATUSES),
     )
     install_error_handlers(app)
@@ -201,7 +225,12 @@ def create_app(
     app.include_router(router)
     app.include_router(cache_purge.router)
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["health"],
+        dependencies=[Depends(reject_unknown_query)],
+    )
     async def healthz() -> Health:
         """Liveness check; needs no key, reveals nothing else and is rate-limited per address."""
         return Health(status="ok")
@@ -211,7 +240,7 @@ def create_app(
         response_model=Readiness,
         responses={503: {"model": Readiness}},
         tags=["health"],
-        dependencies=[Depends(require_api_key)],
+        dependencies=[Depends(reject_unknown_query), Depends(require_api_key)],
     )
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: NATS, Redis, and each host's firewall, supervisor and proxy; needs a key."""
@@ -225,7 +254,11 @@ def create_app(
             probe_timeout=min(services.settings.nats_timeout, SUPERVISOR_PROBE_TIMEOUT),
         )
 
-    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+    @app.get(
+        "/openapi.json",
+        include_in_schema=False,
+        dependencies=[Depends(reject_unknown_query), Depends(require_api_key)],
+    )
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 

@@ -91,6 +91,11 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def key_ids(self) -> list[str]:
+        """Return the ids of the accepted keys, never the keys or their hashes."""
+        return [key.key_id for key in self._keys]
+
     @classmethod
     def load(cls, *, key_file: Path | None, plain_keys: str | None) -> KeyRing:
         """Read keys from a key file and from a comma-separated list of plain keys.

@@ -24,7 +24,7 @@ from libs.common.messages import (
     host_subject,
 )
 from services.api.errors import ApiError, error_responses
-from services.api.routes import KeyId, Services, ServicesDep
+from services.api.routes import CallerDep, Services
 from services.api.schemas import CachePurgeResult, HostError, HostPurge, PurgeCacheRequest
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,9 @@ router = APIRouter(prefix="/v1", tags=["cache"])
 
 
 @router.post("/cache/purge", response_model=CachePurgeResult, responses=error_responses(503))
-async def purge_cache(
-    body: PurgeCacheRequest, key_id: KeyId, services: ServicesDep
-) -> CachePurgeResult:
+async def purge_cache(body: PurgeCacheRequest, caller: CallerDep) -> CachePurgeResult:
     """Evict cached images; images that an agent still uses are skipped and listed."""
+    key_id, services = caller.key_id, caller.services
     cache_hosts = await services.store.cache_hosts()
     hosts = [body.host_id] if body.host_id is not None else cache_hosts
     # A host that lists no cached image has nothing to purge, and asking it would turn a

@@ -30,6 +30,9 @@ MAX_HOPS = 32
 # client cannot get a fresh bucket for each of the addresses of its own network.
 IPV6_BUCKET_PREFIX = 64
 UNKNOWN = "unknown"
+# Client addresses of direct peers kept for reuse, because parsing an address costs more than
+# the rest of the lookup. The cache is emptied whenever it is full.
+MAX_CACHED_PEERS = 4096
 
 
 class ForwardedHeader(StrEnum):
@@ -162,6 +165,7 @@ class ClientAddressResolver:
         self._trusted = tuple(trusted_proxies)
         self._header = header.value.encode()
         self._kind = header
+        self._direct: dict[str, ClientAddress] = {}
 
     def is_trusted(self, address: IPAddress) -> bool:
         """Return whether `address` is one of the trusted proxies."""
@@ -171,13 +175,29 @@ class ClientAddressResolver:
 
     def resolve(self, peer: str | None, headers: Sequence[tuple[bytes, bytes]]) -> ClientAddress:
         """Return the client address of a request from `peer` with raw ASGI `headers`."""
-        peer_address = parse_address(peer) if peer else None
+        if not peer:
+            return ClientAddress(address=UNKNOWN, bucket=UNKNOWN, peer=UNKNOWN)
+        cached = self._direct.get(peer)
+        if cached is not None:
+            return cached
+        peer_address = parse_address(peer)
         if peer_address is None:
-            return ClientAddress(address=UNKNOWN, bucket=UNKNOWN, peer=peer or UNKNOWN)
-        client = peer_address
+            return ClientAddress(address=UNKNOWN, bucket=UNKNOWN, peer=peer)
         if self._trusted and self.is_trusted(peer_address):
             client = self._walk(peer_address, self._chain(headers))
-        return ClientAddress(address=str(client), bucket=bucket_of(client), peer=str(peer_address))
+            return ClientAddress(
+                address=str(client), bucket=bucket_of(client), peer=str(peer_address)
+            )
+
+        # The headers of an untrusted peer are never read, so its address depends on `peer`
+        # alone and can be reused.
+        direct = ClientAddress(
+            address=str(peer_address), bucket=bucket_of(peer_address), peer=str(peer_address)
+        )
+        if len(self._direct) >= MAX_CACHED_PEERS:
+            self._direct.clear()
+        self._direct[peer] = direct
+        return direct
 
     def _chain(self, headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
         values = [

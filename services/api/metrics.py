@@ -78,10 +78,19 @@ class GatewayMetrics:
         )
         self.states = StateCollector()
         self.registry.register(self.states)
+        # The child counter of each (route template, status class). Routes are templates or
+        # UNMATCHED_ROUTE and the class is a digit, so the dict stays small, and reusing the
+        # child skips the label lookup that `labels()` does on every call.
+        self._request_counters: dict[tuple[str, int], Counter] = {}
 
     def observe(self, route: str, status: int, state: dict[str, object]) -> None:
         """Count one response and the access decision that the access middleware stored."""
-        self.requests.labels(route=route, status_class=f"{status // 100}xx").inc()
+        status_class = status // 100
+        counter = self._request_counters.get((route, status_class))
+        if counter is None:
+            counter = self.requests.labels(route=route, status_class=f"{status_class}xx")
+            self._request_counters[(route, status_class)] = counter
+        counter.inc()
         decision = state.get("rate_decision")
         if isinstance(decision, RateDecision) and not decision.allowed:
             level = decision.limiting

@@ -3,9 +3,10 @@
 The gateway's access middleware builds the list of buckets a request draws from (its client
 address, its API key, the global bucket, and the client address's failed-authentication
 bucket) and calls `RateLimiter.take` once. A Lua script refills and checks every bucket and
-takes the tokens in one round trip, atomically, so concurrent requests on several gateway
-processes never overdraw a bucket. The script reads the time from Redis, so the processes need
-no synchronised clocks.
+takes the tokens in one call, atomically, so concurrent requests on several gateway
+processes never overdraw a bucket. The calls of the requests that arrive in one turn of the
+event loop share one pipeline (services/api/redis_batch.py). The script reads the time from
+Redis, so the processes need no synchronised clocks.
 
 A bucket contains up to `burst` tokens and gains `rate` tokens per second. A request is
 allowed when every bucket it names contains at least one whole token. It then takes `cost`
@@ -39,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from libs.common.settings import CommonSettings
+from services.api.redis_batch import CommandBatcher, ScriptBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +294,9 @@ class RedisBuckets:
         self._redis = client
         self._prefix = key_prefix
         self._clock = clock
-        self._script = client.register_script(_TAKE_SCRIPT)
+        self._script = ScriptBatcher(
+            CommandBatcher(client, timeout=REDIS_TIMEOUT_SECONDS), _TAKE_SCRIPT
+        )
 
     def key(self, charge: Charge) -> str:
         """Return the Redis key of `charge`'s bucket."""
@@ -304,7 +308,7 @@ class RedisBuckets:
         for charge in charges:
             arguments += [repr(float(charge.spec.rate)), charge.spec.burst, charge.cost]
         arguments.append(TTL_MARGIN_MILLISECONDS)
-        reply = await self._script(keys=[self.key(charge) for charge in charges], args=arguments)
+        reply = await self._script.call([self.key(charge) for charge in charges], arguments)
 
         allowed, *tokens = reply
         levels = tuple(
@@ -314,16 +318,21 @@ class RedisBuckets:
 
 
 def connect_limiter_redis(settings: CommonSettings) -> redis.Redis:
-    """Return a Redis client that fails within REDIS_TIMEOUT_SECONDS and never retries.
+    """Return the rate limiter's Redis client, which never retries.
 
-    The agent store's client waits up to --nats-timeout and retries. A request must not wait
-    that long for its rate limit, because the local fallback can decide it at once.
+    It connects within REDIS_TIMEOUT_SECONDS, and RedisBuckets bounds each pipeline of script
+    calls by the same time. The agent store's client waits up to --nats-timeout and retries. A
+    request must not wait that long for its rate limit, because the local fallback can decide
+    it at once.
     """
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     return redis.Redis.from_url(
         settings.redis_url,
         password=password,
-        socket_timeout=REDIS_TIMEOUT_SECONDS,
+        # RedisBuckets bounds each pipeline by REDIS_TIMEOUT_SECONDS, which costs less than
+        # redis-py's timer for each reply. redis-py 8 applies a 5 s read timeout unless
+        # socket_timeout is None.
+        socket_timeout=None,
         socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,

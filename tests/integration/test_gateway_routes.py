@@ -107,3 +107,41 @@ def test_every_route_rejects_missing_and_wrong_key(roomy: Stack) -> None:
             checked.append((method, template))
 
     assert len(checked) == len(routes) - 1
+
+
+def test_every_route_rejects_unknown_query(roomy: Stack) -> None:
+    routes = [
+        (method, template)
+        for method, template in application_routes()
+        if "/http/" not in template and method != "HEAD"
+    ]
+    checked = []
+
+    with httpx.Client(base_url=roomy.api_url, headers=roomy.headers, timeout=30) as client:
+        for method, template in routes:
+            response = client.request(
+                method, concrete_path(template), params={"unknown_parameter": "1"}
+            )
+
+            assert response.status_code == 422, (method, template, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_request", (method, template)
+            assert "unknown query parameter 'unknown_parameter'" in error["message"]
+            checked.append((method, template))
+
+    assert ("GET", "/healthz") in checked
+    assert ("GET", "/v1/agents/{agent_id}") in checked
+
+
+def test_start_event_names_key_ids_never_keys(roomy: Stack) -> None:
+    started = [
+        event
+        for event in roomy.audit_events()
+        if event["service"] == "api" and event["type"] == "service.started"
+    ]
+
+    assert started, "the gateway published no service.started event"
+    details = started[-1]["details"]
+    assert details["api_key_ids"] == ["tests"]
+    assert details["api_keys"] == 1
+    assert roomy.api_key not in str(started)

@@ -6,6 +6,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 
 import pytest
 
+from services.api import forwarded
 from services.api.forwarded import (
     MAX_HOPS,
     ClientAddressResolver,
@@ -250,3 +251,36 @@ def test_peer_without_address_is_unknown(peer: str | None) -> None:
 
     assert client.address == "unknown"
     assert client.bucket == "unknown"
+
+
+def test_direct_peer_resolved_once_then_reused() -> None:
+    addresses = resolver()
+
+    first = addresses.resolve(CLIENT, raw({"X-Forwarded-For": "198.51.100.99"}))
+    second = addresses.resolve(CLIENT, raw({"X-Forwarded-For": "198.51.100.98"}))
+
+    assert second is first
+    assert second.address == CLIENT
+
+
+def test_trusted_proxy_reads_headers_every_time() -> None:
+    addresses = resolver()
+
+    first = addresses.resolve(PROXY, raw({"X-Forwarded-For": CLIENT}))
+    second = addresses.resolve(PROXY, raw({"X-Forwarded-For": "203.0.113.8"}))
+
+    assert first.address == CLIENT
+    assert second.address == "203.0.113.8"
+
+
+def test_peer_cache_emptied_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarded, "MAX_CACHED_PEERS", 2)
+    addresses = resolver()
+    first = addresses.resolve("203.0.113.1", [])
+    addresses.resolve("203.0.113.2", [])
+
+    addresses.resolve("203.0.113.3", [])
+    again = addresses.resolve("203.0.113.1", [])
+
+    assert again is not first
+    assert again == first
