@@ -7,7 +7,9 @@ name can move a tag.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,7 +20,7 @@ import docker
 import docker.errors
 import requests
 from docker.models.containers import Container
-from docker.types import IPAMConfig, IPAMPool
+from docker.types import CancellableStream, IPAMConfig, IPAMPool
 
 from libs.common import logs
 from services.supervisor.container_spec import (
@@ -56,6 +58,14 @@ class ContainerStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LogFrame:
+    """One message of a followed log stream: Docker's timestamp and the bytes after it."""
+
+    time: datetime | None
+    payload: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
 class RawLogLine:
     """One line of container output before sanitising."""
 
@@ -71,10 +81,15 @@ class DockerAdapter:
         self.client = client
 
     @classmethod
-    def from_environment(cls) -> DockerAdapter:
-        """Connect to the daemon named by DOCKER_HOST (default: the local socket)."""
+    def from_environment(cls, *, max_pool_size: int | None = None) -> DockerAdapter:
+        """Connect to the daemon named by DOCKER_HOST (default: the local socket).
+
+        `max_pool_size` is the number of connections kept open, or the SDK's default (10) when
+        None. Each followed log stream keeps one for as long as it runs.
+        """
+        options = {} if max_pool_size is None else {"max_pool_size": max_pool_size}
         try:
-            client = docker.from_env(timeout=120)
+            client = docker.from_env(timeout=120, **options)
             client.ping()
         except DOCKER_ERRORS as exc:
             raise DockerUnavailable(
@@ -328,11 +343,60 @@ class DockerAdapter:
         lines.sort(key=lambda line: line.time or datetime.min.replace(tzinfo=UTC))
         return lines[-tail:]
 
+    def follow_logs(self, container_id: str, *, stream: str, since: datetime | None) -> LogFollow:
+        """Open a followed, timestamped log stream of `stream` ("stdout" or "stderr").
+
+        `since` skips output that Docker logged before that time; None starts at the first
+        line. Raises DockerUnavailable when the container is gone or the daemon fails.
+        """
+        try:
+            frames = self.client.api.logs(
+                container_id,
+                stdout=stream == "stdout",
+                stderr=stream == "stderr",
+                stream=True,
+                follow=True,
+                timestamps=True,
+                since=None if since is None else since.timestamp(),
+            )
+        except DOCKER_ERRORS as exc:
+            raise DockerUnavailable(f"cannot follow logs of {container_id}: {exc}") from exc
+        return LogFollow(container_id, frames)
+
     def _get(self, container_id: str) -> Container:
         try:
             return self.client.containers.get(container_id)
         except DOCKER_ERRORS as exc:
             raise DockerUnavailable(f"cannot inspect container {container_id}: {exc}") from exc
+
+
+class LogFollow:
+    """One followed log stream; iterate `frames` in one thread and `close` from any other."""
+
+    def __init__(self, container_id: str, frames: CancellableStream) -> None:
+        self._container_id = container_id
+        self._frames = frames
+
+    def frames(self) -> Iterator[LogFrame]:
+        """Yield Docker's log messages until the container stops or `close` is called.
+
+        Docker sends each message as one frame that starts with its timestamp. A line longer
+        than the daemon's log buffer (16 KiB in Docker 20.10) arrives as several frames, each
+        with its own timestamp, and only the last ends in a newline.
+        Raises DockerUnavailable when the daemon fails mid-stream.
+        """
+        try:
+            for frame in self._frames:
+                stamp, _, payload = frame.partition(b" ")
+                time = _parse_docker_time(stamp)
+                yield LogFrame(time=time, payload=frame if time is None else payload)
+        except DOCKER_ERRORS as exc:
+            raise DockerUnavailable(f"log stream of {self._container_id} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """End the stream, so that the thread iterating `frames` stops at its next read."""
+        with contextlib.suppress(*DOCKER_ERRORS, OSError):
+            self._frames.close()
 
 
 def _status_of(container: Container) -> ContainerStatus:
