@@ -37,6 +37,7 @@ APT_PACKAGES=(
     python3-venv
     busybox-static
     curl
+    runsc
     iproute2
     procps
 )
@@ -119,10 +120,12 @@ install_packages() {
     fi
 }
 
-# Docker's default seccomp profile, the one the daemon applies when a container names none,
-# ships only inside Debian's golang-github-docker-docker-dev, whose dependencies take about
-# 1 GB. Take that one file from the package archive instead; the package matches the
-# docker.io version of the same Debian release.
+# Docker's default seccomp profile, the one the daemon applies when a container names none.
+# Agents get the stricter profile in services/supervisor/profiles/seccomp.json; this copy is
+# the reference that tests/unit/supervisor/test_seccomp.py compares it with. It ships only
+# inside Debian's golang-github-docker-docker-dev, whose dependencies take about 1 GB, so
+# only that one file is taken from the package archive; the package matches the docker.io
+# version of the same Debian release.
 SECCOMP_PROFILE=/usr/local/share/agent-runner/docker-default-seccomp.json
 SECCOMP_SOURCE=./usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json
 install_seccomp_profile() {
@@ -153,6 +156,34 @@ install_seccomp_profile() {
     mv "$SECCOMP_PROFILE.tmp" "$SECCOMP_PROFILE"
 }
 
+# The AppArmor profile of agents. Loading policy needs CAP_MAC_ADMIN, which the supervisor
+# should not need, so this script loads it and the supervisor only checks that it is loaded:
+# with AppArmor enabled and the profile missing, the supervisor refuses to start. The kernel
+# forgets the profile at reboot, so run this script again after one. -r replaces a loaded
+# version and -W caches the compiled policy.
+APPARMOR_PROFILE="$ROOT/services/supervisor/profiles/apparmor-agent"
+apparmor_enabled() {
+    [[ -d /sys/kernel/security/apparmor ]] &&
+        [[ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" == Y ]]
+}
+load_apparmor_profile() {
+    if ! apparmor_enabled; then
+        log "the kernel does not enforce AppArmor; agents run without an AppArmor profile"
+        return
+    fi
+    if ! command -v apparmor_parser >/dev/null; then
+        if ! apt-get install -y -q apparmor >>"$LOG_DIR/apt.log" 2>&1; then
+            show_log_tail "$LOG_DIR/apt.log"
+            die "apt-get install failed for: apparmor"
+        fi
+    fi
+    log "loading the AppArmor profile of agents from $APPARMOR_PROFILE"
+    if ! apparmor_parser -r -W "$APPARMOR_PROFILE" >>"$LOG_DIR/apparmor.log" 2>&1; then
+        show_log_tail "$LOG_DIR/apparmor.log"
+        die "apparmor_parser failed to load $APPARMOR_PROFILE"
+    fi
+}
+
 # Create .venv and install the project into it in editable mode. pip runs again only when
 # pyproject.toml is newer than the stamp file that the last successful install left.
 install_venv() {
@@ -177,6 +208,96 @@ install_venv() {
 
 docker_responds() {
     timeout 10 docker info >/dev/null 2>&1
+}
+
+# gVisor: Debian's runsc fails on kernels from about 6.10, so Docker gets it through the
+# wrapper runtime in runtime/runsc_agent_runner.py (see docs/runtime.md), registered in
+# daemon.json under this name. The supervisor's --runtime=runsc uses that name.
+RUNSC_WRAPPER=/usr/local/lib/agent-runner/runsc-agent-runner
+RUNSC_RUNTIME_NAME=runsc
+DOCKER_DAEMON_JSON=/etc/docker/daemon.json
+RUNTIME_RELOAD_TIMEOUT=15
+
+install_runsc_wrapper() {
+    if ! cmp -s "$ROOT/runtime/runsc_agent_runner.py" "$RUNSC_WRAPPER"; then
+        log "installing the gVisor wrapper runtime to $RUNSC_WRAPPER"
+        install -D -m 755 "$ROOT/runtime/runsc_agent_runner.py" "$RUNSC_WRAPPER.tmp"
+        mv "$RUNSC_WRAPPER.tmp" "$RUNSC_WRAPPER"
+    fi
+}
+
+# Add the wrapper to daemon.json's "runtimes", keeping every other key. A runtime of that
+# name with another path is left alone, because the operator may have registered an upstream
+# runsc on purpose. The supervisor's startup probe tests whichever is registered.
+register_runsc_runtime() {
+    # daemon.json belongs to whoever runs the daemon: with a dockerd that this script did
+    # not start, it is left unchanged and the operator is told what to add.
+    if pgrep -x dockerd >/dev/null && ! owned_pid "$RUN_DIR/dockerd.pid" /usr/sbin/dockerd >/dev/null; then
+        if ! docker_has_runtime "$RUNSC_RUNTIME_NAME"; then
+            log "warning: the running dockerd was not started by this script and has no runtime" \
+                "'$RUNSC_RUNTIME_NAME'; add \"runtimes\": {\"$RUNSC_RUNTIME_NAME\": {\"path\":" \
+                "\"$RUNSC_WRAPPER\"}} to $DOCKER_DAEMON_JSON and reload it (kill -HUP its pid)." \
+                "Until then --runtime=runsc fails the supervisor's startup probe."
+        fi
+        return
+    fi
+    python3 - "$DOCKER_DAEMON_JSON" "$RUNSC_RUNTIME_NAME" "$RUNSC_WRAPPER" <<'PYTHON'
+import json
+import os
+import sys
+
+path, name, wrapper = sys.argv[1:]
+try:
+    with open(path) as file:
+        config = json.load(file)
+except FileNotFoundError:
+    config = {}
+except ValueError as exc:
+    sys.exit(f"deps: error: {path} is not valid JSON ({exc}); fix it, then run again")
+if not isinstance(config, dict) or not isinstance(config.get("runtimes", {}), dict):
+    sys.exit(f"deps: error: {path} must be a JSON object whose 'runtimes' is an object")
+runtimes = config.setdefault("runtimes", {})
+current = runtimes.get(name)
+if current is not None and current != {"path": wrapper}:
+    print(f"deps: keeping runtime {name!r} = {current} in {path}", file=sys.stderr)
+    sys.exit(0)
+if current is None:
+    runtimes[name] = {"path": wrapper}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as file:
+        json.dump(config, file, indent=2)
+        file.write("\n")
+    os.replace(path + ".tmp", path)
+    print(f"deps: registered runtime {name!r} in {path}", file=sys.stderr)
+PYTHON
+}
+
+docker_has_runtime() {
+    timeout 10 docker info --format '{{json .Runtimes}}' 2>/dev/null |
+        python3 -c 'import json, sys; sys.exit(sys.argv[1] not in json.load(sys.stdin))' "$1"
+}
+
+# Make the running daemon load the runtime. Runtimes are reloadable, so our own dockerd gets
+# SIGHUP and keeps its containers running; a dockerd that this script did not start is never
+# signalled.
+reload_docker_runtimes() {
+    local pid deadline
+    if docker_has_runtime "$RUNSC_RUNTIME_NAME"; then
+        return
+    fi
+    if ! pid=$(owned_pid "$RUN_DIR/dockerd.pid" /usr/sbin/dockerd); then
+        return  # register_runsc_runtime told the operator what to do
+    fi
+    log "reloading dockerd (pid $pid) to register runtime '$RUNSC_RUNTIME_NAME'"
+    kill -HUP "$pid"
+    deadline=$((SECONDS + RUNTIME_RELOAD_TIMEOUT))
+    until docker_has_runtime "$RUNSC_RUNTIME_NAME"; do
+        if ((SECONDS >= deadline)); then
+            show_log_tail "$LOG_DIR/dockerd.log"
+            die "dockerd (pid $pid) did not list runtime '$RUNSC_RUNTIME_NAME' within ${RUNTIME_RELOAD_TIMEOUT}s of SIGHUP (timed out)"
+        fi
+        sleep 0.5
+    done
 }
 
 # Start dockerd unless a Docker engine already responds. A second dockerd on the same host
@@ -341,8 +462,12 @@ main() {
 
     install_packages
     install_seccomp_profile
+    load_apparmor_profile
     install_venv
+    install_runsc_wrapper
+    register_runsc_runtime
     start_dockerd
+    reload_docker_runtimes
     start_nats
     start_redis
     write_env_file

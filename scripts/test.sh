@@ -23,3 +23,19 @@ echo "test: docs/configuration.md up to date" >&2
 "$BIN/python" scripts/settings_reference.py --check
 echo "test: pytest" >&2
 "$BIN/pytest" -p no:cacheprovider -q "$@"
+
+# Second pass: the end-to-end and isolation tests again with every agent under gVisor
+# (docs/runtime.md). Skipped when pytest arguments select tests, or with
+# AGENT_RUNNER_SKIP_RUNSC_PASS=1.
+RUNSC_PASS=(
+    tests/integration/test_agent_lifecycle.py
+    tests/integration/test_agent_logs.py
+    tests/integration/test_proxy_e2e.py
+    tests/integration/test_firewall_matrix.py
+    tests/integration/test_netguard.py
+    tests/integration/test_restarts.py
+)
+if (($# == 0)) && [[ "${AGENT_RUNNER_SKIP_RUNSC_PASS:-0}" != 1 ]]; then
+    echo "test: pytest, agents under runsc" >&2
+    AGENT_RUNNER_TEST_RUNTIME=runsc "$BIN/pytest" -p no:cacheprovider -q "${RUNSC_PASS[@]}"
+fi

@@ -1,0 +1,80 @@
+"""Container options that differ under gVisor: DNS, and where the process limit applies.
+
+On a user-defined network Docker writes `nameserver 127.0.0.11` into every container and
+serves DNS there from a socket in the container's network namespace. Under runsc, gVisor's own
+network stack handles 127.0.0.11, so the query is refused (checked with Docker 20.10 and
+runsc 0.0~20221219). Agents under runsc therefore get a read-only bind mount of a resolv.conf
+that names the sandbox gateway, the address to which Docker's resolver forwards under runc;
+netguard redirects DNS to the gateway to the proxy's DNS filter under both runtimes.
+
+The pids cgroup of a gVisor container counts the sandbox's own host threads, so under runsc
+the agent's process limit is RLIMIT_NPROC, which gVisor enforces inside its kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from docker.types import Mount, Ulimit
+
+from services.supervisor.settings import SupervisorSettings
+
+logger = logging.getLogger(__name__)
+
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def resolv_conf_path(settings: SupervisorSettings) -> Path:
+    """Return the host path of the agents' resolv.conf: beside --cache-dir, one per network."""
+    return settings.cache_dir.parent / "resolv" / f"{settings.sandbox_network}.conf"
+
+
+def resolv_conf_text(settings: SupervisorSettings) -> str:
+    """Return a resolv.conf that sends every query to the sandbox gateway."""
+    gateway: IPv4Address = next(settings.sandbox_subnet.hosts())
+    # ndots:0 as in Docker's own file: agents' names are never completed with a search domain.
+    return (
+        "# Written by the agent-runner supervisor for agents under gVisor.\n"
+        f"nameserver {gateway}\noptions ndots:0\n"
+    )
+
+
+def write_resolv_conf(settings: SupervisorSettings) -> Path:
+    """Write the agents' resolv.conf (mode 644) atomically and return its path.
+
+    Raises OSError when the folder cannot be created or the file cannot be written.
+    """
+    path = resolv_conf_path(settings)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(resolv_conf_text(settings))
+    temporary.chmod(0o644)
+    temporary.replace(path)
+    logger.info("wrote %s for agents under gVisor", path)
+    return path
+
+
+def agent_mounts(settings: SupervisorSettings) -> list[Mount]:
+    """Return the mounts an agent's runtime needs: none under runc, resolv.conf under runsc."""
+    if settings.runtime != "runsc":
+        return []
+    return [
+        Mount(
+            target=RESOLV_CONF, source=str(resolv_conf_path(settings)), type="bind", read_only=True
+        )
+    ]
+
+
+def nproc_ulimits(settings: SupervisorSettings) -> list[Ulimit]:
+    """Return RLIMIT_NPROC = --container-pids-limit under runsc, where gVisor counts per sandbox.
+
+    Under runc the kernel counts RLIMIT_NPROC per user id across every agent, so the pids
+    cgroup limits each agent there instead (settings.host_pids_limit).
+    """
+    if settings.runtime != "runsc":
+        return []
+    limit = settings.container_pids_limit
+    return [Ulimit(name="nproc", soft=limit, hard=limit)]
