@@ -47,7 +47,7 @@ from bench.harness import (
 from libs.common.settings import load_settings
 from services.supervisor.container_spec import AGENT_PORT, AgentContainer, create_arguments
 from services.supervisor.lifecycle import READY_PROBE_TIMEOUT
-from services.supervisor.main import load_seccomp_profile
+from services.supervisor.seccomp import load_seccomp_profile
 from services.supervisor.settings import SupervisorSettings
 from tests.support.stack import Stack
 

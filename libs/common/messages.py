@@ -12,6 +12,7 @@ Subjects (version 1):
 | `agents.v1.host.<host>.stop` | request/reply | StopAgentRequest -> AgentRecordReply |
 | `agents.v1.host.<host>.logs` | request/reply | LogsRequest -> LogsReply |
 | `agents.v1.host.<host>.cache` | request/reply | CachePurgeRequest -> CachePurgeReply |
+| `agents.v1.host.<host>.runtime` | request/reply | RuntimeStatusRequest -> RuntimeStatusReply |
 | `agents.v1.state.<agent>` | publish | AgentStateChanged |
 | `audit.<service>.<type>` | JetStream stream `AUDIT` | AuditEvent |
 | `proxy.v1.host.<host>.state` | publish | ProxyState |
@@ -74,7 +75,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def host_subject(host_id: str, operation: Literal["stop", "logs", "cache"]) -> str:
+def host_subject(host_id: str, operation: Literal["stop", "logs", "cache", "runtime"]) -> str:
     """Return the request subject that reaches the supervisor on `host_id`."""
     return f"agents.v1.host.{host_id}.{operation}"
 
@@ -127,12 +128,39 @@ FINAL_STATES = frozenset({AgentState.STOPPED, AgentState.FAILED})
 
 
 class StopReason(StrEnum):
-    """Reason an agent's container ended."""
+    """Reason an agent's container ended.
+
+    `requested` means killed by an operator (DELETE /v1/agents/{id}). The value predates the
+    limit reasons and is kept so that existing clients keep working.
+    """
 
     REQUESTED = "requested"
     LIFETIME_EXCEEDED = "lifetime_exceeded"
     EXITED = "exited"
     FAILED = "failed"
+    OUT_OF_MEMORY = "out_of_memory"
+    PIDS_LIMIT_REACHED = "pids_limit_reached"
+    DISK_LIMIT_REACHED = "disk_limit_reached"
+
+
+class ResourceUsage(BaseModel):
+    """Resources an agent's container used, as last measured before it was removed.
+
+    None means the supervisor could not measure that resource (no sample was taken, or the
+    runtime keeps no such counter).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The memory cgroup's high-water mark, page cache and tmpfs included (bytes).
+    memory_peak_bytes: int | None = None
+    cpu_seconds: float | None = None
+    pids_peak: int | None = None
+    # Largest sampled use of each tmpfs mount point, such as "/tmp" (bytes).
+    disk_peak_bytes: dict[str, int] = Field(default_factory=dict)
+    oom_kills: int = 0
+    # Forks and clones that the pids limit refused.
+    pids_limit_hits: int = 0
 
 
 class AgentRecord(BaseModel):
@@ -160,6 +188,7 @@ class AgentRecord(BaseModel):
     exit_code: int | None = None
     stop_reason: StopReason | None = None
     killed_for_time: bool = False
+    resource_usage: ResourceUsage | None = None
     failure_reason: str | None = None
     failure_message: str | None = None
     allowed_domains: list[str] = Field(default_factory=list)
@@ -240,7 +269,13 @@ class LogStream(StrEnum):
 
 
 class LogLine(BaseModel):
-    """One sanitised line of agent output."""
+    """One sanitised line of agent output, as a record that the agent cannot forge.
+
+    The agent controls only `text`: a newline in its output starts a new record with the same
+    agent, container and stream, so a line that imitates a supervisor message still shows
+    where it came from. `agent_id` and `container_id` are None in lines kept by supervisors
+    that predate the log collector.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -248,15 +283,39 @@ class LogLine(BaseModel):
     time: datetime | None
     text: str
     truncated: bool = False
+    agent_id: AgentId | None = None
+    container_id: str | None = None
+    # Secrets replaced by a "[REDACTED:<kind>]" marker in `text`.
+    redactions: int = Field(0, ge=0)
+    # Lines of the same agent that the log rate limit dropped right before this one.
+    dropped_before: int = Field(0, ge=0)
+
+
+class LogCounts(BaseModel):
+    """Totals of an agent's output since its container started, counted in lines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Lines read from the container, whether stored or dropped.
+    lines: int = Field(ge=0)
+    stored: int = Field(ge=0)
+    # Lines over the per-agent rate limit (--log-rate-limit, --log-rate-burst), and lines lost
+    # because Redis failed.
+    dropped: int = Field(ge=0)
+    # Stored lines cut at --log-max-line-length.
+    truncated: int = Field(ge=0)
+    # Stored lines with at least one secret redacted.
+    redacted: int = Field(ge=0)
 
 
 class LogsReply(Message):
-    """Sanitised output of an agent's container."""
+    """Sanitised output of an agent's container; `counts` is None for agents without totals."""
 
     kind: Literal["logs_reply"] = "logs_reply"
     agent_id: AgentId
     container_id: str
     lines: list[LogLine]
+    counts: LogCounts | None = None
 
 
 class CachePurgeRequest(Message):
@@ -307,6 +366,26 @@ class CachePurgeReply(Message):
     host_id: HostId
     purged: list[PurgedImage]
     skipped: list[SkippedImage]
+
+
+class RuntimeStatusRequest(Message):
+    """Ask the supervisor on a host which runtime its agents use and what its probe found."""
+
+    kind: Literal["runtime_status"] = "runtime_status"
+
+
+class RuntimeStatusReply(Message):
+    """The agents' OCI runtime on `host_id` and the result of its startup gVisor probe.
+
+    `gvisor_status` is one of the probe's fixed codes, such as `available`, `not_registered`
+    or `not_probed` (runc); see services/supervisor/runtime_probe.py.
+    """
+
+    kind: Literal["runtime_status_reply"] = "runtime_status_reply"
+    host_id: HostId
+    runtime: Literal["runc", "runsc"]
+    docker_runtime: str = Field(max_length=64)
+    gvisor_status: str = Field(max_length=64)
 
 
 class ErrorReply(Message):

@@ -9,6 +9,10 @@ digit is never 0. A supervisor that replies `agent_not_found` has its NATS subsc
 its Redis connection working. The route needs an API key because the answer describes the
 deployment.
 
+Each supervisor is also asked which OCI runtime its agents use and what its startup gVisor
+probe found (`runtimes`). That is reported only: a supervisor started with --require-gvisor
+does not run without gVisor, and one without it runs agents under runc or a failed runsc.
+
 The gateway is ready when NATS and Redis respond and at least one host has a usable firewall
 and a supervisor that replies. A host's proxy is reported but not required: without it,
 agents start and their outbound requests fail closed.
@@ -34,6 +38,8 @@ from libs.common.messages import (
     LogsReply,
     LogsRequest,
     ProxyState,
+    RuntimeStatusReply,
+    RuntimeStatusRequest,
     host_subject,
     utc_now,
 )
@@ -147,6 +153,36 @@ async def probe_supervisors(
     return dict(zip(probed, results, strict=True))
 
 
+class HostRuntime(BaseModel):
+    """A host's agent runtime and gVisor probe result; `unknown` when its supervisor is silent."""
+
+    runtime: Literal["runc", "runsc", "unknown"]
+    gvisor_status: str
+
+
+async def probe_runtime(nats: NatsClient, host_id: str, *, timeout: float) -> HostRuntime:
+    """Ask the supervisor of `host_id` for its runtime status."""
+    request = RuntimeStatusRequest(correlation_id="readiness-probe")
+    try:
+        reply = await bus.request(
+            nats, host_subject(host_id, "runtime"), request, RuntimeStatusReply, timeout=timeout
+        )
+    except BusError:
+        return HostRuntime(runtime="unknown", gvisor_status="unknown")
+    return HostRuntime(runtime=reply.runtime, gvisor_status=reply.gvisor_status)
+
+
+async def probe_runtimes(
+    nats: NatsClient, hosts: list[str], *, timeout: float
+) -> dict[str, HostRuntime]:
+    """Ask the supervisors of `hosts` (the first MAX_PROBED_HOSTS) for their runtime status."""
+    probed = hosts[:MAX_PROBED_HOSTS]
+    if not nats.is_connected:
+        return dict.fromkeys(probed, HostRuntime(runtime="unknown", gvisor_status="unknown"))
+    results = await asyncio.gather(*(probe_runtime(nats, host, timeout=timeout) for host in probed))
+    return dict(zip(probed, results, strict=True))
+
+
 class Readiness(BaseModel):
     """Response body of /readyz.
 
@@ -160,6 +196,7 @@ class Readiness(BaseModel):
     rate_limiter: Literal["redis", "local"]
     firewall: dict[str, FirewallStatus]
     supervisors: dict[str, SupervisorStatus]
+    runtimes: dict[str, HostRuntime]
     proxies: dict[str, ProxyStatus]
 
 
@@ -175,7 +212,10 @@ async def readiness(
     """Return 200 when the gateway can start agents (see the module docstring), else 503."""
     firewall_status = firewall.status()
     hosts = list(firewall_status)
-    supervisors = await probe_supervisors(nats, hosts, timeout=probe_timeout)
+    supervisors, runtimes = await asyncio.gather(
+        probe_supervisors(nats, hosts, timeout=probe_timeout),
+        probe_runtimes(nats, hosts, timeout=probe_timeout),
+    )
     usable = any(
         status in ("verified", "disabled") and supervisors.get(host) == "ok"
         for host, status in firewall_status.items()
@@ -189,6 +229,7 @@ async def readiness(
         rate_limiter=limiter_backend.value,
         firewall=firewall_status,
         supervisors=supervisors,
+        runtimes=runtimes,
         proxies=proxies.status(hosts),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -39,7 +39,12 @@ from libs.common.messages import (
 )
 from libs.common.store import AgentStore
 from services.api.auth import KeyRing
-from services.api.errors import UNAUTHORIZED_MESSAGE, ApiError, error_responses
+from services.api.errors import (
+    COMMON_ERROR_STATUSES,
+    UNAUTHORIZED_MESSAGE,
+    ApiError,
+    error_responses,
+)
 from services.api.passthrough import Forwarder
 from services.api.schemas import AgentList, AgentLogs, AgentView, CreateAgentRequest
 from services.api.settings import ApiSettings
@@ -72,12 +77,6 @@ def services_of(request: Request) -> Services:
     return services
 
 
-async def _services_dependency(request: Request) -> Services:
-    # FastAPI runs a plain `def` dependency in a worker thread, a round trip of about 0.2 ms
-    # per request on 2 CPUs (docs/benchmarks.md). An attribute lookup needs no thread.
-    return services_of(request)
-
-
 async def require_api_key(request: Request) -> str:
     """Return the id of the caller's API key, which the access middleware has checked.
 
@@ -89,6 +88,27 @@ async def require_api_key(request: Request) -> str:
     if not isinstance(key_id, str) or not key_id:
         raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
     return key_id
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The id of the request's checked API key and the shared services."""
+
+    key_id: str
+    services: Services
+
+
+async def require_caller(request: Request) -> Caller:
+    """Check the query and the key, then return the caller's key id and the shared services.
+
+    Raises ApiError 422 for an unknown query parameter (`reject_unknown_query`), then 401
+    without a key (`require_api_key`). Routes get all of it through this one dependency
+    because FastAPI spends about 9 µs of CPU per dependency and request on the benchmark
+    machine (docs/benchmarks.md). It is `async def` because FastAPI runs a plain `def`
+    dependency in a worker thread.
+    """
+    await reject_unknown_query(request)
+    return Caller(key_id=await require_api_key(request), services=services_of(request))
 
 
 def _declared_query_names(route: APIRoute) -> frozenset[str]:
@@ -107,6 +127,9 @@ async def reject_unknown_query(request: Request) -> None:
     A misspelt parameter such as `?wiat=true` would otherwise be ignored without a word.
     The passthrough is exempt because its query belongs to the agent.
     """
+    if not request.scope.get("query_string"):
+        # Most requests have no query, and walking the route's dependencies takes time.
+        return
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or route.endpoint is passthrough:
         return
@@ -121,11 +144,10 @@ async def reject_unknown_query(request: Request) -> None:
         )
 
 
-KeyId = Annotated[str, Depends(require_api_key)]
+CallerDep = Annotated[Caller, Depends(require_caller)]
 AgentIdPath = Annotated[
     str, Path(max_length=MAX_AGENT_ID_LENGTH, description="'ag-' and 32 lower-case hex digits.")
 ]
-ServicesDep = Annotated[Services, Depends(_services_dependency)]
 router = APIRouter(prefix="/v1", tags=["agents"])
 
 
@@ -139,13 +161,13 @@ async def _record_or_404(services: Services, agent_id: str) -> AgentRecord:
 @router.post("/agents", status_code=202, response_model=AgentView, responses=error_responses(503))
 async def create_agent(
     body: CreateAgentRequest,
-    key_id: KeyId,
-    services: ServicesDep,
+    caller: CallerDep,
     wait: Annotated[
         bool, Query(description="Respond only once the agent is ready or failed.")
     ] = False,
 ) -> AgentView:
     """Start an agent; it is `requested` at once and `ready` once it responds to HTTP."""
+    key_id, services = caller.key_id, caller.services
     settings = services.settings
     if urlsplit(body.image_url).scheme == "http" and not settings.allow_http_image_urls:
         raise ApiError(
@@ -253,24 +275,26 @@ async def _wait_until_settled(services: Services, agent_id: str, subscription: o
             return
 
 
-@router.get("/agents", response_model=AgentList)
-async def list_agents(_: KeyId, services: ServicesDep) -> AgentList:
+@router.get("/agents", response_model=AgentList, responses=error_responses(503))
+async def list_agents(caller: CallerDep) -> AgentList:
     """List agents, newest first."""
+    services = caller.services
     records = await services.store.list_recent(limit=services.settings.max_listed_agents)
     return AgentList(agents=[AgentView.of(record) for record in records])
 
 
-@router.get("/agents/{agent_id}", response_model=AgentView, responses=error_responses(404))
-async def get_agent(agent_id: AgentIdPath, _: KeyId, services: ServicesDep) -> AgentView:
+@router.get("/agents/{agent_id}", response_model=AgentView, responses=error_responses(404, 503))
+async def get_agent(agent_id: AgentIdPath, caller: CallerDep) -> AgentView:
     """Return one agent, including why it stopped or failed."""
-    return AgentView.of(await _record_or_404(services, agent_id))
+    return AgentView.of(await _record_or_404(caller.services, agent_id))
 
 
 @router.delete(
     "/agents/{agent_id}", response_model=AgentView, responses=error_responses(404, 409, 503)
 )
-async def delete_agent(agent_id: AgentIdPath, key_id: KeyId, services: ServicesDep) -> AgentView:
+async def delete_agent(agent_id: AgentIdPath, caller: CallerDep) -> AgentView:
     """Stop an agent and remove its container; its record stays readable."""
+    key_id, services = caller.key_id, caller.services
     record = await _record_or_404(services, agent_id)
     if record.state in FINAL_STATES:
         return AgentView.of(record)
@@ -299,11 +323,11 @@ async def delete_agent(agent_id: AgentIdPath, key_id: KeyId, services: ServicesD
 )
 async def agent_logs(
     agent_id: AgentIdPath,
-    _: KeyId,
-    services: ServicesDep,
+    caller: CallerDep,
     tail: Annotated[int, Query(gt=0, le=10_000, description="Number of lines.")] = 100,
 ) -> AgentLogs:
     """Return the last lines of an agent's output, sanitised."""
+    services = caller.services
     record = await _record_or_404(services, agent_id)
     if record.host_id is None:
         return AgentLogs(agent_id=agent_id, lines=[])
@@ -321,13 +345,14 @@ async def agent_logs(
         raise ApiError(
             503, "supervisor_unavailable", f"supervisor {record.host_id} did not send logs"
         ) from exc
-    return AgentLogs(agent_id=agent_id, lines=reply.lines)
+    return AgentLogs(agent_id=agent_id, lines=reply.lines, counts=reply.counts)
 
 
 async def passthrough(
-    agent_id: AgentIdPath, path: str, request: Request, _: KeyId, services: ServicesDep
+    agent_id: AgentIdPath, path: str, request: Request, caller: CallerDep
 ) -> Response:
     """Forward the request to the agent's port 80 and stream its response back."""
+    services = caller.services
     record = await _record_or_404(services, agent_id)
     if record.state != AgentState.READY:
         raise ApiError(
@@ -339,6 +364,17 @@ async def passthrough(
     return await services.forwarder.forward(request, record, forwarded)
 
 
+# The agent may send any status itself, so a status that the gateway also uses here carries
+# either the gateway's ErrorBody or the agent's own body, of any media type.
+_PASSTHROUGH_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {
+        "description": f"{response['description']} Or the agent's own response with this status.",
+        "content": {"*/*": {}},
+    }
+    for status, response in error_responses(*COMMON_ERROR_STATUSES, 404, 409, 502, 504).items()
+}
+_PASSTHROUGH_RESPONSES["default"] = {"description": "The agent's response, streamed as it sent it."}
+
 # One route per method, so that each has its own OpenAPI operation id.
 for _method in PASSTHROUGH_METHODS:
     router.add_api_route(
@@ -347,8 +383,5 @@ for _method in PASSTHROUGH_METHODS:
         methods=[_method],
         operation_id=f"passthrough_{_method.lower()}",
         response_class=Response,
-        responses={
-            **error_responses(404, 409, 502, 504),
-            "default": {"description": "The agent's response, streamed as it sent it."},
-        },
+        responses=_PASSTHROUGH_RESPONSES,
     )

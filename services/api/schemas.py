@@ -28,8 +28,10 @@ from libs.common.messages import (
     EnvName,
     HostId,
     ImageDigest,
+    LogCounts,
     LogLine,
     PurgedImage,
+    ResourceUsage,
     SkippedImage,
     StopReason,
     check_bundle_size,
@@ -211,6 +213,7 @@ class AgentView(BaseModel):
     exit_code: int | None
     stop_reason: StopReason | None
     killed_for_time: bool
+    resource_usage: ResourceUsage | None = None
     failure_reason: str | None
     failure_message: str | None
     allowed_domains: list[str]
@@ -231,10 +234,15 @@ class AgentList(BaseModel):
 
 
 class AgentLogs(BaseModel):
-    """Sanitised output of an agent, oldest line first."""
+    """Sanitised output of an agent, oldest line first.
+
+    `counts` has the totals since the container started (lines read, stored, dropped by the
+    log rate limit, truncated, redacted); it is null for agents whose output was not collected.
+    """
 
     agent_id: str
     lines: list[LogLine]
+    counts: LogCounts | None = None
 
 
 class Health(BaseModel):

@@ -4,10 +4,15 @@ Kept apart from the Docker calls so that every option is visible in one place an
 can check the whole lockdown without a daemon. What each option defends against:
 
 - user 65534:65534, `cap_drop=ALL`, `no-new-privileges`: no root, no capabilities, and no way
-  back to either through setuid binaries in the image.
-- read-only root and a size-limited `/tmp` tmpfs (`nosuid,nodev,noexec`, mode 1777 so the
-  unprivileged user can write): the only writable storage is memory-backed and bounded.
-- seccomp profile passed explicitly: a daemon configured without one still confines agents.
+  back to either through setuid or setgid binaries in the image, because the kernel ignores
+  those bits under no-new-privileges.
+- read-only root, a size-limited `/tmp` tmpfs and a size-limited `/dev/shm` (both
+  `nosuid,nodev,noexec`, mode 1777 so the unprivileged user can write): the only writable
+  storage is memory-backed and bounded. POSIX message queues in /dev/mqueue get a zero
+  RLIMIT_MSGQUEUE, because that limit is per user and every agent runs as the same user.
+- seccomp profile passed explicitly (seccomp.py): a daemon configured without one still
+  confines agents. The AppArmor profile (apparmor.py) is added when the kernel enforces
+  AppArmor.
 - memory (swap included), CPU, pids and open-file limits; `oom_score_adj` makes the host's
   OOM killer pick an agent before a service.
 - port 80 published only on the bind address, on an ephemeral port.
@@ -22,6 +27,8 @@ from typing import Any
 
 from docker.types import LogConfig, Ulimit
 
+from services.supervisor.gvisor_dns import agent_mounts, nproc_ulimits
+from services.supervisor.seccomp import profile_for_runtime
 from services.supervisor.settings import SupervisorSettings
 
 AGENT_USER = "65534:65534"
@@ -59,10 +66,32 @@ def tmpfs_options(settings: SupervisorSettings) -> str:
     return f"rw,nosuid,nodev,noexec,size={int(settings.container_disk_limit)},mode=1777"
 
 
+def security_options(seccomp_profile: str, apparmor_profile: str | None) -> list[str]:
+    """Return Docker's security options: no-new-privileges, seccomp and maybe AppArmor.
+
+    seccomp_profile is the profile's JSON text. apparmor_profile None leaves AppArmor out,
+    which is only right on a kernel without AppArmor, because Docker would then apply its
+    own docker-default profile instead.
+    """
+    options = ["no-new-privileges:true", f"seccomp={seccomp_profile}"]
+    if apparmor_profile is not None:
+        options.append(f"apparmor={apparmor_profile}")
+    return options
+
+
 def create_arguments(
-    agent: AgentContainer, *, settings: SupervisorSettings, seccomp_profile: str
+    agent: AgentContainer,
+    *,
+    settings: SupervisorSettings,
+    seccomp_profile: str,
+    apparmor_profile: str | None = None,
 ) -> dict[str, Any]:
-    """Return keyword arguments for `docker.client.containers.create` for this agent."""
+    """Return keyword arguments for `docker.client.containers.create` for this agent.
+
+    seccomp_profile is the JSON text of the profile, which profile_for_runtime adapts to
+    --runtime. apparmor_profile is the name of a loaded AppArmor profile, or None when the
+    kernel has no AppArmor.
+    """
     memory = int(settings.container_memory_limit)
     return {
         "image": agent.image_id,
@@ -80,22 +109,33 @@ def create_arguments(
         "read_only": True,
         "privileged": False,
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges:true", f"seccomp={seccomp_profile}"],
+        "security_opt": security_options(
+            profile_for_runtime(seccomp_profile, settings.runtime), apparmor_profile
+        ),
         "tmpfs": {"/tmp": tmpfs_options(settings)},  # noqa: S108 - the agent's own tmpfs
-        "mounts": [],
+        # Docker mounts /dev/shm as tmpfs with nosuid,nodev,noexec and mode 1777 (checked with
+        # Docker 20.10 by tests/integration/test_filesystem_limits.py); this sets its size.
+        "shm_size": int(settings.container_shm_limit),
+        # Under runsc only: a read-only resolv.conf naming the sandbox gateway (gvisor_dns.py).
+        "mounts": agent_mounts(settings),
         "volumes": {},
         "mem_limit": memory,
         "memswap_limit": memory,
         "mem_swappiness": 0,
         "oom_score_adj": 500,
         "nano_cpus": int(settings.container_cpu_limit * 1_000_000_000),
-        "pids_limit": settings.container_pids_limit,
+        # Under runsc the cgroup limit bounds gVisor's own threads, and gVisor enforces the
+        # agent's process limit as RLIMIT_NPROC, which under runc would count every agent's
+        # processes together because they share one user id.
+        "pids_limit": settings.host_pids_limit,
         "ulimits": [
             Ulimit(
                 name="nofile",
                 soft=settings.container_nofile_limit,
                 hard=settings.container_nofile_limit,
-            )
+            ),
+            Ulimit(name="msgqueue", soft=0, hard=0),
+            *nproc_ulimits(settings),
         ],
         # The agent's unprivileged user must bind port 80 without CAP_NET_BIND_SERVICE; this
         # sysctl is per network namespace and changes nothing on the host.
@@ -114,7 +154,7 @@ def create_arguments(
         "init": True,
         "ipc_mode": "private",
         "cgroupns": "private",
-        "runtime": settings.runtime,
+        "runtime": settings.docker_runtime,
         "restart_policy": {"Name": "no"},
         "log_config": LogConfig(
             type=LogConfig.types.JSON,

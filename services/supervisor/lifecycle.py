@@ -24,6 +24,7 @@ from libs.common.messages import (
     AgentRecord,
     AgentState,
     AgentStateChanged,
+    LogCounts,
     LogLine,
     LogStream,
     StartAgentRequest,
@@ -32,9 +33,10 @@ from libs.common.messages import (
     utc_now,
 )
 from libs.common.messages import AuditOutcome as Outcome
-from libs.common.sanitize import sanitize_line
+from libs.common.sanitize import SecretRedactor, clean_line
 from libs.common.store import AgentStore
 from services.supervisor import metrics
+from services.supervisor.agent_logs import AgentLogCollector
 from services.supervisor.cache_manager import CacheManager
 from services.supervisor.container_spec import AgentContainer, create_arguments
 from services.supervisor.docker_adapter import DockerAdapter
@@ -46,13 +48,13 @@ from services.supervisor.errors import (
 )
 from services.supervisor.firewall_gate import FirewallGate
 from services.supervisor.images import ImageStore, SignatureCheck
+from services.supervisor.monitor import ResourceMonitor
 from services.supervisor.settings import SupervisorSettings
 from services.supervisor.signatures import SignaturePolicy, VerificationMethod, Verified
 
 logger = logging.getLogger(__name__)
 
 ACTOR = "supervisor"
-FINAL_LOG_LINES = 1000
 READY_PROBE_TIMEOUT = 1.0
 _log_lines = TypeAdapter(list[LogLine])
 
@@ -76,6 +78,8 @@ class AgentManager:
         nats: NatsClient,
         firewall: FirewallGate,
         seccomp_profile: str,
+        apparmor_profile: str | None = None,
+        log_collector: AgentLogCollector,
         signature_policy: SignaturePolicy | None = None,
     ) -> None:
         self.settings = settings
@@ -87,7 +91,10 @@ class AgentManager:
         self.audit = audit
         self.nats = nats
         self.firewall = firewall
+        self.log_collector = log_collector
         self._seccomp_profile = seccomp_profile
+        self._apparmor_profile = apparmor_profile
+        self.monitor = ResourceMonitor(settings)
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._stop_requested: set[str] = set()
         self._start_slots = asyncio.Semaphore(settings.max_concurrent_starts)
@@ -97,7 +104,8 @@ class AgentManager:
         self._probe = httpx.AsyncClient(timeout=READY_PROBE_TIMEOUT, trust_env=False)
 
     async def close(self) -> None:
-        """Release the readiness-probe client."""
+        """Stop following agent output and release the readiness-probe client."""
+        await self.log_collector.close()
         await self._probe.aclose()
 
     @property
@@ -250,9 +258,13 @@ class AgentManager:
             env=dict(request.env),
         )
         arguments = create_arguments(
-            agent, settings=self.settings, seccomp_profile=self._seccomp_profile
+            agent,
+            settings=self.settings,
+            seccomp_profile=self._seccomp_profile,
+            apparmor_profile=self._apparmor_profile,
         )
         record.container_id = await asyncio.to_thread(self.docker.create_and_start, arguments)
+        await self.log_collector.follow(record.agent_id, record.container_id)
         record.host_address, record.host_port = await asyncio.to_thread(
             self.docker.published_port, record.container_id
         )
@@ -352,14 +364,28 @@ class AgentManager:
                 return record
             return await self.terminate(record, StopReason.REQUESTED)
 
-    async def expire_or_collect(self, record: AgentRecord, *, running: bool) -> None:
-        """Stop a ready agent whose lifetime ended, or record the exit of an agent that exited."""
+    async def expire_or_collect(
+        self,
+        record: AgentRecord,
+        *,
+        running: bool,
+        oom_killed: bool = False,
+        limit: StopReason | None = None,
+    ) -> None:
+        """Stop a ready agent whose lifetime ended or that hit `limit`, or record its exit.
+
+        `oom_killed` is Docker's State.OOMKilled of an exited container, which turns the exit
+        into `out_of_memory`.
+        """
         async with self._lock(record.agent_id):
             current = await self.store.get(record.agent_id)
             if current is None or current.state != AgentState.READY:
                 return
             if not running:
-                await self.terminate(current, StopReason.EXITED)
+                exited = StopReason.OUT_OF_MEMORY if oom_killed else StopReason.EXITED
+                await self.terminate(current, exited)
+            elif limit is not None:
+                await self.terminate(current, limit)
             elif current.expires_at is not None and utc_now() >= current.expires_at:
                 await self.terminate(current, StopReason.LIFETIME_EXCEEDED)
 
@@ -368,6 +394,8 @@ class AgentManager:
         await self.save(record)
         exit_code = None
         if record.container_id:
+            # The cgroup disappears with the container, so the final usage is read first.
+            await asyncio.to_thread(self.monitor.sample_one, record.agent_id, record.container_id)
             status = await asyncio.to_thread(
                 self.docker.stop, record.container_id, grace=self.settings.agent_stop_grace
             )
@@ -382,16 +410,24 @@ class AgentManager:
         record.stop_reason = reason
         record.exit_code = exit_code
         record.killed_for_time = reason == StopReason.LIFETIME_EXCEEDED
+        record.resource_usage = self.monitor.usage(record.agent_id)
         record.stopped_at = utc_now()
         await self.save(record)
+        self.monitor.forget(record.agent_id)
+        metrics.AGENT_STOPS.labels(reason=reason.value).inc()
         event = "agent.killed" if record.killed_for_time else "agent.stopped"
+        usage = record.resource_usage
         self.audit.emit(
             event,
             outcome=Outcome.SUCCESS,
             actor=ACTOR,
             agent_id=record.agent_id,
             reason_code=reason.value,
-            details={"exit_code": exit_code, "container_id": record.container_id},
+            details={
+                "exit_code": exit_code,
+                "container_id": record.container_id,
+                "resource_usage": None if usage is None else usage.model_dump(),
+            },
         )
         logger.info(
             "agent %s stopped (%s, exit code %s)",
@@ -410,6 +446,7 @@ class AgentManager:
         record.stop_reason = StopReason.FAILED
         record.stopped_at = utc_now()
         await self.save(record)
+        self.monitor.forget(record.agent_id)
         self.audit.emit(
             "agent.failed",
             outcome=Outcome.FAILURE,
@@ -429,11 +466,7 @@ class AgentManager:
     async def _keep_logs_and_remove(self, record: AgentRecord) -> None:
         if not record.container_id:
             return
-        try:
-            lines = await self.read_container_logs(record.container_id, tail=FINAL_LOG_LINES)
-            await self.store.save_final_logs(record.agent_id, _log_lines.dump_json(lines).decode())
-        except DockerUnavailable as exc:
-            logger.warning("cannot keep logs of %s: %s", record.agent_id, exc)
+        await self.log_collector.finish(record.agent_id)
         await asyncio.to_thread(self.docker.remove, record.container_id)
         if record.sandbox_address:
             try:
@@ -456,22 +489,63 @@ class AgentManager:
                 )
 
     async def read_container_logs(self, container_id: str, *, tail: int) -> list[LogLine]:
-        """Return the last `tail` sanitised lines of a container's output."""
+        """Return the last `tail` lines of a container's output, read from Docker and cleaned.
+
+        It serves agents whose output the collector never stored, such as agents started by a
+        supervisor without one. Secrets are redacted, but the rate limit does not apply.
+        """
         raw_lines = await asyncio.to_thread(self.docker.logs, container_id, tail=tail)
+        redactors = {stream: SecretRedactor() for stream in LogStream}
         lines = []
         for raw in raw_lines:
-            text, truncated = sanitize_line(raw.data, max_length=self.settings.log_max_line_length)
+            stream = LogStream(raw.stream)
+            cleaned = clean_line(
+                raw.data,
+                max_length=self.settings.log_max_line_length,
+                redactor=redactors[stream],
+            )
             lines.append(
-                LogLine(stream=LogStream(raw.stream), time=raw.time, text=text, truncated=truncated)
+                LogLine(
+                    stream=stream,
+                    time=raw.time,
+                    text=cleaned.text,
+                    truncated=cleaned.truncated,
+                    container_id=container_id,
+                    redactions=cleaned.redactions,
+                )
             )
         return lines
 
     async def logs(self, record: AgentRecord, *, tail: int) -> list[LogLine]:
-        """Return an agent's output: live from Docker, or as kept when it stopped."""
+        """Return an agent's last `tail` lines as the log collector stored them.
+
+        Agents without a collected log are served from Docker while they run, and from the
+        lines that earlier supervisor versions kept at stop after that.
+        """
+        collected = await self.log_collector.lines(record.agent_id, tail=tail)
+        if collected is not None:
+            return collected
         if record.container_id and record.state not in FINAL_STATES:
             return await self.read_container_logs(record.container_id, tail=tail)
         kept = await self.store.final_logs(record.agent_id)
         return [] if kept is None else _log_lines.validate_json(kept)[-tail:]
+
+    async def log_counts(self, agent_id: str) -> LogCounts | None:
+        """Return the totals of an agent's collected output, or None when it was not collected."""
+        return await self.log_collector.counts(agent_id)
+
+    async def resume_log_collection(self) -> None:
+        """Follow the output of this host's ready agents again, after a supervisor restart."""
+        for agent_id in await self.store.active_on_host(self.host_id):
+            record = await self.store.get(agent_id)
+            if record is None or record.state != AgentState.READY or not record.container_id:
+                continue
+            await self.log_collector.follow(agent_id, record.container_id)
+            logger.info(
+                "resumed log collection of agent %s",
+                agent_id,
+                extra={logs.AGENT_ID: agent_id, logs.CONTAINER_ID: record.container_id},
+            )
 
     def _audit_image_rejected(self, record: AgentRecord, exc: ImageRejected) -> None:
         logger.warning(

@@ -1,9 +1,11 @@
 """Supervisor entry point: checks, reconciliation, then the NATS request handlers.
 
-Pipeline at startup: settings, logging, seccomp profile, Docker and the sandbox network,
-NATS and the audit stream, Redis and the metrics endpoint, reconciliation of this host's
-containers and then of its image cache, then the start handler (queue group, so any of
-several supervisors may take a start), this host's stop, logs and cache-purge handlers, and
+Pipeline at startup: settings, logging, seccomp profile, AppArmor, Docker and the sandbox network,
+NATS and the audit stream, the probe of the agents' runtime (gVisor), Redis and the metrics
+endpoint, reconciliation of this host's
+containers, resumed log collection of the agents it adopted, reconciliation of the image
+cache, then the start handler (queue group, so any of several supervisors may take a
+start), this host's stop, logs, cache-purge and runtime-status handlers, and
 the loops that watch agents and evict cached images. On SIGTERM it stops taking requests
 and leaves running agents alone; the next start adopts them.
 """
@@ -18,7 +20,6 @@ import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from nats.aio.msg import Msg
 from pydantic import BaseModel
@@ -36,6 +37,8 @@ from libs.common.messages import (
     ErrorReply,
     LogsReply,
     LogsRequest,
+    RuntimeStatusReply,
+    RuntimeStatusRequest,
     StartAgentReply,
     StartAgentRequest,
     StopAgentRequest,
@@ -44,6 +47,8 @@ from libs.common.messages import (
 from libs.common.settings import Profile, load_settings
 from libs.common.store import AgentStore, connect_redis
 from services.supervisor import metrics
+from services.supervisor.agent_logs import AgentLogCollector
+from services.supervisor.apparmor import AppArmorState, AppArmorStatus, check_apparmor
 from services.supervisor.cache import CacheState
 from services.supervisor.cache_manager import CacheManager
 from services.supervisor.docker_adapter import DockerAdapter
@@ -53,6 +58,8 @@ from services.supervisor.firewall_gate import FirewallGate
 from services.supervisor.image_sources import parse_trusted_sources
 from services.supervisor.images import ImageStore
 from services.supervisor.lifecycle import AgentManager
+from services.supervisor.runtime_probe import RuntimeProbeResult, check_runtime
+from services.supervisor.seccomp import load_seccomp_profile
 from services.supervisor.settings import SupervisorSettings
 from services.supervisor.signatures import SignaturePolicy
 from services.supervisor.tarball import TarballLimits
@@ -62,42 +69,16 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "supervisor"
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ALLOWED_SECCOMP_DEFAULTS = {
-    "SCMP_ACT_ERRNO",
-    "SCMP_ACT_KILL",
-    "SCMP_ACT_KILL_PROCESS",
-    "SCMP_ACT_KILL_THREAD",
-    "SCMP_ACT_TRAP",
-}
 
 
-def load_seccomp_profile(path: Path) -> str:
-    """Read and check a seccomp profile; return it as compact JSON for Docker.
-
-    Raises ConfigurationError when the file is missing, not JSON, or allows every syscall by
-    default, because agents must never run without a syscall filter.
-    """
-    try:
-        profile = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigurationError(
-            f"cannot read --seccomp-profile {str(path)!r}: {exc.strerror}; run scripts/deps.sh "
-            "to install Docker's default profile there, or point the option at a profile"
-        ) from exc
-    except ValueError as exc:
-        raise ConfigurationError(f"--seccomp-profile {str(path)!r} is not JSON: {exc}") from exc
-    default_action = profile.get("defaultAction") if isinstance(profile, dict) else None
-    if default_action not in _ALLOWED_SECCOMP_DEFAULTS:
-        raise ConfigurationError(
-            f"--seccomp-profile {str(path)!r} has defaultAction {default_action!r}; expected a "
-            "profile that denies unlisted syscalls (SCMP_ACT_ERRNO or a kill action)"
-        )
-    if not profile.get("syscalls"):
-        raise ConfigurationError(
-            f"--seccomp-profile {str(path)!r} allows no syscall, so no agent could start; "
-            "expected a 'syscalls' list such as the one in Docker's default profile"
-        )
-    return json.dumps(profile, separators=(",", ":"))
+def load_confinement(settings: SupervisorSettings) -> tuple[str, AppArmorStatus]:
+    """Load the agents' seccomp profile and check AppArmor; raise ConfigurationError if unfit."""
+    seccomp_profile = load_seccomp_profile(
+        settings.seccomp_profile, allow_unsafe=settings.unsafe_allow_seccomp_families
+    )
+    apparmor = check_apparmor(settings.apparmor_profile)
+    metrics.APPARMOR_ENFORCED.set(1 if apparmor.state == AppArmorState.ENFORCED else 0)
+    return seccomp_profile, apparmor
 
 
 Handler = Callable[[Msg], Awaitable[BaseModel]]
@@ -207,9 +188,10 @@ def _error(correlation_id: str, code: str, message: str) -> ErrorReply:
 class Handlers:
     """NATS request handlers of one supervisor."""
 
-    def __init__(self, manager: AgentManager) -> None:
+    def __init__(self, manager: AgentManager, *, runtime: RuntimeProbeResult) -> None:
         self.manager = manager
         self.cache = manager.cache
+        self.runtime = runtime
 
     async def start(self, msg: Msg) -> BaseModel:
         request = bus.decode(msg.data, StartAgentRequest, subject=msg.subject)
@@ -238,6 +220,7 @@ class Handlers:
             agent_id=record.agent_id,
             container_id=record.container_id or "",
             lines=lines,
+            counts=await self.manager.log_counts(record.agent_id),
         )
 
     async def purge_cache(self, msg: Msg) -> BaseModel:
@@ -250,8 +233,18 @@ class Handlers:
             skipped=result.skipped,
         )
 
+    async def runtime_status(self, msg: Msg) -> BaseModel:
+        request = bus.decode(msg.data, RuntimeStatusRequest, subject=msg.subject)
+        return RuntimeStatusReply(
+            correlation_id=request.correlation_id,
+            host_id=self.manager.host_id,
+            runtime="runsc" if self.runtime.runtime == "runsc" else "runc",
+            docker_runtime=self.runtime.docker_runtime,
+            gvisor_status=self.runtime.status.value,
+        )
 
-async def run(settings: SupervisorSettings) -> None:
+
+async def run(settings: SupervisorSettings) -> None:  # noqa: PLR0915 - the startup pipeline
     """Run the supervisor until SIGTERM or SIGINT."""
     settings.warn_if_relaxed()
     if not settings.bind_address.is_loopback:
@@ -260,7 +253,7 @@ async def run(settings: SupervisorSettings) -> None:
             "reach the agents",
             settings.bind_address,
         )
-    seccomp_profile = load_seccomp_profile(settings.seccomp_profile)
+    seccomp_profile, apparmor = load_confinement(settings)
     signature_policy = load_signature_policy(settings)
     docker = DockerAdapter.from_environment()
     docker.ensure_sandbox_network(settings)
@@ -270,6 +263,7 @@ async def run(settings: SupervisorSettings) -> None:
         await bus.ensure_audit_stream(nats), service=SERVICE, host=settings.host_id
     )
     audit.start()
+    runtime = await check_runtime(docker, settings, seccomp_profile=seccomp_profile, audit=audit)
     redis_client = connect_redis(settings)
     store = AgentStore(redis_client, final_record_ttl=settings.final_record_ttl)
     await store.ping()
@@ -321,24 +315,41 @@ async def run(settings: SupervisorSettings) -> None:
         nats=nats,
         firewall=firewall,
         seccomp_profile=seccomp_profile,
+        apparmor_profile=apparmor.profile,
         signature_policy=signature_policy,
+        log_collector=AgentLogCollector(
+            settings,
+            # Two followed streams per agent, each holding a connection while it runs.
+            docker=DockerAdapter.from_environment(max_pool_size=2 * settings.max_agents + 4),
+            redis_client=redis_client,
+            audit=audit,
+        ),
     )
     audit.emit(
         "service.started",
         outcome=AuditOutcome.INFO,
         actor=SERVICE,
-        details={"settings": settings.redacted(), "relaxed": list(settings.relaxed_settings())},
+        details={
+            "settings": settings.redacted(),
+            "relaxed": list(settings.relaxed_settings()),
+            "apparmor": apparmor.as_details(),
+            "runtime": runtime.as_details(),
+        },
     )
     await reconcile(manager)
+    await manager.resume_log_collection()
     await cache.reconcile()
 
-    handlers = Handlers(manager)
+    handlers = Handlers(manager, runtime=runtime)
     subscriptions = [
         await nats.subscribe(SUBJECT_START, queue=START_QUEUE_GROUP, cb=_serve(handlers.start)),
         await nats.subscribe(host_subject(settings.host_id, "stop"), cb=_serve(handlers.stop)),
         await nats.subscribe(host_subject(settings.host_id, "logs"), cb=_serve(handlers.logs)),
         await nats.subscribe(
             host_subject(settings.host_id, "cache"), cb=_serve(handlers.purge_cache)
+        ),
+        await nats.subscribe(
+            host_subject(settings.host_id, "runtime"), cb=_serve(handlers.runtime_status)
         ),
     ]
     watcher = asyncio.create_task(watch_agents(manager), name="watch-agents")

@@ -14,7 +14,6 @@ from services.supervisor.image_sources import parse_trusted_sources
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-DOCKER_SECCOMP_PROFILE = Path("/usr/local/share/agent-runner/docker-default-seccomp.json")
 
 
 class SupervisorSettings(CommonSettings):
@@ -23,6 +22,8 @@ class SupervisorSettings(CommonSettings):
     development_defaults: ClassVar[dict[str, Any]] = {
         "allow_http_image_urls": True,
         "require_signed_images": False,
+        "runtime": "runc",
+        "require_gvisor": False,
     }
 
     container_memory_limit: ByteSize = Field(
@@ -41,9 +42,16 @@ class SupervisorSettings(CommonSettings):
     )
     container_disk_limit: ByteSize = Field(
         ByteSize(64 * MIB),
-        description="Size of the /tmp tmpfs, the only writable path of an agent (bytes; "
-        "suffixes accepted). The root filesystem is read-only. It counts towards the memory "
-        "limit.",
+        ge=MIB,
+        description="Size of the agent's /tmp tmpfs (bytes; suffixes accepted). The root "
+        "filesystem is read-only, so /tmp and /dev/shm are the only writable storage, and both "
+        "count towards the memory limit.",
+    )
+    container_shm_limit: ByteSize = Field(
+        ByteSize(16 * MIB),
+        ge=MIB,
+        description="Size of the agent's /dev/shm tmpfs, used for POSIX shared memory and "
+        "semaphores (bytes; suffixes accepted). It counts towards the memory limit.",
     )
     container_nofile_limit: int = Field(
         1024, ge=64, le=1_048_576, description="Open-file limit (RLIMIT_NOFILE) of each agent."
@@ -77,11 +85,67 @@ class SupervisorSettings(CommonSettings):
         description="Host address on which agent ports are published. Keep it on loopback: "
         "any other address exposes every agent to that network.",
     )
+    # Runtime selection and the gVisor startup probe (services/supervisor/runtime_probe.py).
     runtime: str = Field(
-        "runc",
+        "runsc",
         pattern=r"^(runc|runsc)$",
-        description="OCI runtime of agent containers: 'runc', or 'runsc' for gVisor.",
+        description="OCI runtime of agent containers: 'runsc' for gVisor, whose user-space "
+        "kernel stands between an agent and the host's kernel, or 'runc'. Development "
+        "profile: runc, where a kernel exploit in an agent reaches the host's kernel.",
     )
+    require_gvisor: bool = Field(
+        True,
+        description="Refuse to start unless --runtime is runsc and a probe container really "
+        "ran under gVisor at startup. Development profile: false, and a failed probe is only "
+        "reported (metrics, audit runtime.probed, log).",
+    )
+    runsc_docker_runtime: str = Field(
+        "runsc",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Name under which the gVisor runtime is registered with the Docker daemon "
+        "(daemon.json 'runtimes'); agents use it when --runtime is runsc. scripts/deps.sh "
+        "registers its wrapper as 'runsc'.",
+    )
+    runtime_probe_binary: Path = Field(
+        Path("/bin/busybox"),
+        description="Statically linked busybox that the gVisor probe imports as a one-file "
+        "image and runs under --runtime at startup; Debian's busybox-static installs it.",
+    )
+    runtime_probe_timeout: float = Field(
+        60.0, gt=0, le=600, description="Seconds the gVisor probe container may take to run."
+    )
+    runsc_sandbox_pids_limit: int = Field(
+        4096,
+        ge=256,
+        le=65536,
+        description="Host pids limit of each agent's gVisor sandbox under --runtime=runsc. "
+        "gVisor's own threads count there (runsc 0.0~20221219 on ptrace: about 67 at start "
+        "and about 10 more per guest process, kept after it exits), and a sandbox that "
+        "reaches the limit crashes. Under runsc, --container-pids-limit becomes the agent's "
+        "RLIMIT_NPROC, which gVisor enforces inside each sandbox.",
+    )
+
+    @property
+    def host_pids_limit(self) -> int:
+        """pids cgroup limit of an agent: its own under runc, its gVisor sandbox's under runsc."""
+        if self.runtime == "runsc":
+            return self.runsc_sandbox_pids_limit
+        return self.container_pids_limit
+
+    @property
+    def docker_runtime(self) -> str:
+        """Name of the Docker runtime that runs agents: runc, or the registered runsc."""
+        return self.runsc_docker_runtime if self.runtime == "runsc" else self.runtime
+
+    @model_validator(mode="after")
+    def _check_gvisor_runtime(self) -> Self:
+        if self.require_gvisor and self.runtime != "runsc":
+            raise ValueError(
+                f"--require-gvisor is on but --runtime is {self.runtime!r}; set --runtime=runsc, "
+                "or --no-require-gvisor to run agents without gVisor"
+            )
+        return self
+
     sandbox_network: str = Field(
         "agent-runner-sandbox",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
@@ -96,10 +160,25 @@ class SupervisorSettings(CommonSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,15}$",
         description="Linux bridge interface name of the sandbox network.",
     )
-    seccomp_profile: Path = Field(
-        DOCKER_SECCOMP_PROFILE,
-        description="Seccomp profile (JSON) applied to every agent. scripts/deps.sh installs "
-        "Docker's own default profile there, taken from Debian's golang-github-docker-docker-dev.",
+    seccomp_profile: Path | None = Field(
+        None,
+        description="Seccomp profile (JSON) applied to every agent. Unset: the profile shipped "
+        "in services/supervisor/profiles/seccomp.json, Docker's default without the syscall "
+        "families that agents never need. Another profile must deny those families too.",
+    )
+    unsafe_allow_seccomp_families: bool = Field(
+        False,
+        description="Accept a --seccomp-profile that allows syscalls the shipped profile denies "
+        "(mount, kernel modules, keyrings, bpf, perf, ptrace, userfaultfd, io_uring, kexec, "
+        "namespaces, clock setting). Each one is logged as a warning at every start; agents "
+        "then reach more of the host kernel.",
+    )
+    apparmor_profile: str = Field(
+        "agent-runner-agent",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="AppArmor profile applied to every agent when the kernel supports "
+        "AppArmor; scripts/deps.sh loads the shipped one under this name. The supervisor "
+        "refuses to start when AppArmor is enabled but the profile is not loaded.",
     )
     allow_http_image_urls: bool = Field(
         False,
@@ -127,13 +206,71 @@ class SupervisorSettings(CommonSettings):
         description="Folder of the content-addressed cache of verified image tarballs.",
     )
     monitor_interval: float = Field(
-        1.0, gt=0, le=60, description="Seconds between checks of agent lifetimes and exits."
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds between checks of agent lifetimes, exits and resource use. A "
+        "pids, disk or memory limit hit is acted on at the next check.",
+    )
+    # Resource monitoring (services/supervisor/monitor.py, services/supervisor/cgroups.py).
+    limit_warning_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Fraction of a memory, CPU, pids or disk limit at which an agent gets an "
+        "agent.limit_warning audit event; it is emitted again only after use drops below.",
+    )
+    lifetime_warning_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=24 * 3600,
+        description="Seconds before an agent's lifetime ends at which an "
+        "agent.lifetime_warning audit event is emitted; 0 turns the warning off.",
+    )
+    cgroup_root: Path = Field(
+        Path("/sys/fs/cgroup"),
+        description="Mount point of the cgroup v1 hierarchies that agent resource use is "
+        "read from.",
+    )
+    cgroup_parent: str = Field(
+        "docker",
+        pattern=r"^[A-Za-z0-9_.-]{1,255}$",
+        description="cgroup under which dockerd creates container cgroups (its "
+        "--cgroup-parent; 'docker' with the cgroupfs driver).",
     )
     firewall_registration_timeout: float = Field(
         10.0, gt=0, le=120, description="Seconds to wait for netguard to register an agent."
     )
     log_max_line_length: int = Field(
-        8192, ge=80, le=1_048_576, description="Characters kept of one agent log line."
+        8192,
+        ge=80,
+        le=1_048_576,
+        description="Characters kept of one agent log line; longer lines are cut, marked "
+        "' [truncated]' and counted. At most four bytes per character are read of a line.",
+    )
+    # Log collection (services/supervisor/agent_logs.py).
+    log_rate_limit: float = Field(
+        100.0,
+        gt=0,
+        le=100_000,
+        description="Lines per second that each agent may add to its stored log on average; "
+        "lines above the limit are dropped, counted and audited (agent.logs_dropped), so a "
+        "flooding agent cannot fill Redis or push other output out.",
+    )
+    log_rate_burst: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Lines an agent may write at once above --log-rate-limit before lines "
+        "are dropped.",
+    )
+    log_keep_lines: int = Field(
+        1000,
+        ge=10,
+        le=100_000,
+        description="Lines of each agent's output kept in Redis, live and for "
+        "--final-record-ttl seconds after it stops; older lines are removed. Each line takes "
+        "up to 4 x --log-max-line-length bytes, so this bounds Redis memory per agent.",
     )
     final_record_ttl: int = Field(
         7 * 24 * 3600, gt=0, description="Seconds to keep records of stopped agents."
@@ -233,10 +370,12 @@ class SupervisorSettings(CommonSettings):
                 f"--sandbox-subnet {self.sandbox_subnet} must be a private IPv4 network of at "
                 "least /28, such as 172.30.0.0/16"
             )
-        if self.container_disk_limit >= self.container_memory_limit:
+        tmpfs_total = self.container_disk_limit + self.container_shm_limit
+        if tmpfs_total >= self.container_memory_limit:
             raise ValueError(
-                f"--container-disk-limit ({int(self.container_disk_limit)} bytes) must be "
+                f"--container-disk-limit ({int(self.container_disk_limit)} bytes) plus "
+                f"--container-shm-limit ({int(self.container_shm_limit)} bytes) must be "
                 f"smaller than --container-memory-limit ({int(self.container_memory_limit)} bytes) "
-                "because the tmpfs counts towards it"
+                "because both tmpfs mounts count towards it"
             )
         return self

@@ -15,7 +15,7 @@ from libs.common.registry import AgentRegistry
 from libs.common.settings import CommonSettings, load_settings
 from libs.common.store import connect_redis
 from tests.integration.conftest import Tarball
-from tests.support.stack import Stack, wait_for_state
+from tests.support.stack import Stack, agent_runtime, wait_for_state
 
 pytestmark = pytest.mark.integration
 
@@ -64,17 +64,31 @@ def test_agent_runs_locked_down_and_stops(
     assert host_config["Memory"] == 512 * MIB
     assert host_config["MemorySwap"] == 512 * MIB
     assert host_config["NanoCpus"] == 1_000_000_000
-    assert host_config["PidsLimit"] == 100
+    if agent_runtime() == "runc":
+        assert host_config["PidsLimit"] == 100
+    else:
+        # gVisor's threads count in the cgroup; the agent's limit is RLIMIT_NPROC inside.
+        assert host_config["PidsLimit"] == 4096
+        assert {"Name": "nproc", "Soft": 100, "Hard": 100} in host_config["Ulimits"]
     assert host_config["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
     assert host_config["Binds"] is None
-    assert container.attrs["Mounts"] == []
+    if agent_runtime() == "runc":
+        assert container.attrs["Mounts"] == []
+    else:
+        # Under runsc the only mount is the resolv.conf naming the sandbox gateway.
+        mounts = container.attrs["Mounts"]
+        assert [(mount["Destination"], mount["RW"]) for mount in mounts] == [
+            ("/etc/resolv.conf", False)
+        ]
     assert container.attrs["NetworkSettings"]["Networks"].keys() == {stack.network}
     published = container.attrs["NetworkSettings"]["Ports"]["80/tcp"]
     assert [binding["HostIp"] for binding in published] == ["127.0.0.1"]
     assert container.labels["io.agent-runner.agent-id"] == agent_id
 
     status = container.exec_run(["cat", "/proc/1/status"]).output.decode()
-    assert "NoNewPrivs:\t1" in status
+    if agent_runtime() == "runc":
+        # gVisor's /proc/PID/status has no NoNewPrivs line (runsc 0.0~20221219).
+        assert "NoNewPrivs:\t1" in status
     assert "Seccomp:\t2" in status
     assert "CapEff:\t0000000000000000" in status
     assert container.exec_run(["touch", "/probe"]).exit_code != 0

@@ -60,7 +60,7 @@ from tests.support.probe import (
     start_probe_agent,
     tcp_probe,
 )
-from tests.support.stack import PROXY_UID, FileServer, Stack, running_stack
+from tests.support.stack import PROXY_UID, FileServer, Stack, agent_runtime, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -695,6 +695,15 @@ def inspecting_proxy(stack: Stack, web: FakeWeb) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# The host's curl in the agent's namespace (run_host_program) uses the host kernel's network
+# stack. Under runsc the agent's packets come from gVisor's stack instead, and that side of
+# the namespace has no address or route of its own.
+HOST_PROGRAM_PROBE = pytest.mark.skipif(
+    agent_runtime() == "runsc",
+    reason="under runsc the agent's network stack is gVisor's, not the namespace's",
+)
+
+
 def curl_via_public_host(url: str, *options: str) -> list[str]:
     """Return a curl command for `url` that connects to the public fake host without DNS.
 
@@ -717,6 +726,7 @@ def curl_via_public_host(url: str, *options: str) -> list[str]:
     ]
 
 
+@HOST_PROGRAM_PROBE
 def test_inspection_decrypts_and_checks_each_request(
     agent: ProbeAgent, web: FakeWeb, stack: Stack, inspecting_proxy: None
 ) -> None:
@@ -737,6 +747,7 @@ def test_inspection_decrypts_and_checks_each_request(
     assert event["details"]["status"] == 200
 
 
+@HOST_PROGRAM_PROBE
 def test_inspection_rejects_host_other_than_sni(
     agent: ProbeAgent, web: FakeWeb, stack: Stack, inspecting_proxy: None
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import time
+from typing import Any
 
 import docker
 import httpx
@@ -25,6 +27,20 @@ def start_ready_agent(api: httpx.Client, tarball: Tarball) -> dict[str, str]:
     agent: dict[str, str] = response.json()
     assert agent["state"] == "ready", agent
     return agent
+
+
+def wait_for_audit_event(
+    stack: Stack, event_type: str, *, agent_id: str | None = None, container_id: str
+) -> dict[str, Any]:
+    """Return the event of `event_type` about `container_id`; events are published async."""
+    deadline = time.monotonic() + 10
+    while True:
+        for event in stack.audit_events(agent_id):
+            if event["type"] == event_type and event["details"].get("container_id") == container_id:
+                return event
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event_type} event for container {container_id} in 10 s")
+        time.sleep(0.3)
 
 
 def our_containers(client: docker.DockerClient, stack: Stack) -> list[str]:
@@ -60,6 +76,10 @@ def test_running_agent_survives_restart(
     assert stopped["state"] == "stopped"
     assert agent["container_id"] not in our_containers(docker_client, stack)
     assert "adopted running agent" in stack.log_text("supervisor")
+    adopted = wait_for_audit_event(
+        stack, "agent.adopted", agent_id=agent_id, container_id=agent["container_id"]
+    )
+    assert adopted["outcome"] == "success"
 
 
 def test_container_gone_during_restart_fails_agent(
@@ -92,6 +112,8 @@ def test_unknown_labelled_container_removed_at_start(
         stack.stop_service("supervisor")
         stack.start_supervisor()
         assert str(stray.id) not in our_containers(docker_client, stack)
+        removed = wait_for_audit_event(stack, "agent.container_removed", container_id=str(stray.id))
+        assert removed["reason_code"] == "no_agent_record"
     finally:
         for container in docker_client.containers.list(all=True, filters={"ancestor": image_id}):
             container.remove(force=True)

@@ -42,6 +42,28 @@ PROXY_ALLOWED_V4 = ("198.51.100.0/24", "203.0.113.0/24", "169.254.42.42")
 PROXY_ALLOWED_V6 = ("2001:db8:100::/64",)
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 HOST_LABEL = "io.agent-runner.host-id"
+# OCI runtime of every stack's agents: runc, or runsc for the second pass of scripts/test.sh.
+TEST_RUNTIME_VARIABLE = "AGENT_RUNNER_TEST_RUNTIME"
+
+
+def agent_runtime() -> str:
+    """Return the agents' runtime chosen by AGENT_RUNNER_TEST_RUNTIME (default runc)."""
+    runtime = os.environ.get(TEST_RUNTIME_VARIABLE, "runc")
+    if runtime not in ("runc", "runsc"):
+        raise ValueError(f"{TEST_RUNTIME_VARIABLE}={runtime!r} is invalid; expected runc or runsc")
+    return runtime
+
+
+def runtime_args() -> list[str]:
+    """Return the supervisor flags for the test runtime.
+
+    Production stacks under runc must turn --require-gvisor off, because the production
+    profile requires gVisor. Under runsc the profile's default stays, so production stacks
+    also check that the startup probe passes.
+    """
+    if agent_runtime() == "runsc":
+        return ["--runtime=runsc"]
+    return ["--runtime=runc", "--no-require-gvisor"]
 
 
 def free_port() -> int:
@@ -226,6 +248,7 @@ class Stack:
             f"--sandbox-subnet={self.subnet}",
             f"--sandbox-bridge={self.bridge}",
             "--metrics-port=0",
+            *runtime_args(),
             *self.supervisor_args,
             *(extra or []),
         ]

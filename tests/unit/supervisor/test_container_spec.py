@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from docker.models.containers import _create_container_args
-from docker.types import LogConfig, Ulimit
+from docker.types import LogConfig, Mount, Ulimit
 
+from libs.common.errors import ConfigurationError
 from libs.common.settings import load_settings
 from services.supervisor.container_spec import (
     LABEL_AGENT_ID,
@@ -17,6 +19,7 @@ from services.supervisor.container_spec import (
     AgentContainer,
     create_arguments,
 )
+from services.supervisor.seccomp import SHIPPED_PROFILE
 from services.supervisor.settings import SupervisorSettings
 
 AGENT_ID = "ag-" + "0123456789abcdef" * 2
@@ -29,6 +32,7 @@ SETTINGS_FLAGS = [
     "--container-cpu-limit", "1.5",
     "--container-pids-limit", "64",
     "--container-disk-limit", "32MiB",
+    "--container-shm-limit", "8MiB",
     "--container-nofile-limit", "512",
     "--container-log-max-size", "1MiB",
     "--bind-address", "127.0.0.2",
@@ -65,14 +69,36 @@ def arguments() -> dict[str, Any]:
         pytest.param(
             "tmpfs", {"/tmp": f"rw,nosuid,nodev,noexec,size={32 * 1024**2},mode=1777"}, id="tmpfs"
         ),
-        pytest.param("mounts", [], id="no-mounts"),
+        # Under runc the list is empty (tests/unit/supervisor/test_gvisor_dns.py).
+        pytest.param(
+            "mounts",
+            [
+                Mount(
+                    target="/etc/resolv.conf",
+                    source="/var/lib/agent-runner/resolv/sandbox-test.conf",
+                    type="bind",
+                    read_only=True,
+                )
+            ],
+            id="resolv-conf-under-runsc",
+        ),
         pytest.param("volumes", {}, id="no-volumes"),
         pytest.param("mem_limit", 1024**3, id="memory"),
         pytest.param("memswap_limit", 1024**3, id="no-swap"),
         pytest.param("mem_swappiness", 0, id="swappiness"),
         pytest.param("nano_cpus", 1_500_000_000, id="cpus"),
-        pytest.param("pids_limit", 64, id="pids"),
-        pytest.param("ulimits", [Ulimit(name="nofile", soft=512, hard=512)], id="nofile"),
+        # Under runsc the cgroup bounds the sandbox and RLIMIT_NPROC the agent (test_gvisor_dns.py).
+        pytest.param("pids_limit", 4096, id="sandbox-pids"),
+        pytest.param(
+            "ulimits",
+            [
+                Ulimit(name="nofile", soft=512, hard=512),
+                Ulimit(name="msgqueue", soft=0, hard=0),
+                Ulimit(name="nproc", soft=64, hard=64),
+            ],
+            id="nofile-no-message-queues-nproc",
+        ),
+        pytest.param("shm_size", 8 * 1024**2, id="shm-size"),
         pytest.param("ports", {"80/tcp": ("127.0.0.2", None)}, id="port-on-bind-address"),
         pytest.param("network", "sandbox-test", id="sandbox-network"),
         pytest.param("init", True, id="init"),
@@ -159,6 +185,101 @@ def test_docker_py_accepts_arguments(arguments: dict[str, Any]) -> None:
     assert host_config["Memory"] == host_config["MemorySwap"]
     assert host_config["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.2", "HostPort": ""}]}
     assert host_config["NetworkMode"] == "sandbox-test"
-    assert host_config["Mounts"] == []
+    assert [mount["Target"] for mount in host_config["Mounts"]] == ["/etc/resolv.conf"]
     assert "Binds" not in host_config
     assert "Privileged" not in host_config
+    assert host_config["ShmSize"] == 8 * 1024**2
+    assert host_config["SecurityOpt"] == ["no-new-privileges:true", f"seccomp={SECCOMP}"]
+
+
+def test_apparmor_profile_added() -> None:
+    settings = load_settings(SupervisorSettings, [])
+    agent = AgentContainer(
+        agent_id=AGENT_ID, host_id="h", image_id=IMAGE_ID, image_digest=IMAGE_DIGEST
+    )
+
+    arguments = create_arguments(
+        agent, settings=settings, seccomp_profile=SECCOMP, apparmor_profile="agent-runner-agent"
+    )
+
+    assert arguments["security_opt"] == [
+        "no-new-privileges:true",
+        f"seccomp={SECCOMP}",
+        "apparmor=agent-runner-agent",
+    ]
+
+
+def test_no_apparmor_option_without_profile(arguments: dict[str, Any]) -> None:
+    # Without a profile name the option is left out, never set to "unconfined".
+    assert [opt for opt in arguments["security_opt"] if opt.startswith("apparmor")] == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        pytest.param([], (64 * 1024**2, 16 * 1024**2), id="defaults"),
+        pytest.param(
+            ["--container-disk-limit", "1MiB", "--container-shm-limit", "1MiB"],
+            (1024**2, 1024**2),
+            id="minimum",
+        ),
+    ],
+)
+def test_tmpfs_sizes_from_settings(flags: list[str], expected: tuple[int, int]) -> None:
+    settings = load_settings(SupervisorSettings, flags)
+    agent = AgentContainer(
+        agent_id=AGENT_ID, host_id="h", image_id=IMAGE_ID, image_digest=IMAGE_DIGEST
+    )
+
+    arguments = create_arguments(agent, settings=settings, seccomp_profile=SECCOMP)
+
+    assert arguments["tmpfs"]["/tmp"] == (f"rw,nosuid,nodev,noexec,size={expected[0]},mode=1777")
+    assert arguments["shm_size"] == expected[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        pytest.param(
+            ["--container-disk-limit", "0"],
+            "--container-disk-limit='0': Input should be greater than or equal to 1048576",
+            id="disk-zero-means-unlimited",
+        ),
+        pytest.param(
+            ["--container-shm-limit", "4096"],
+            "--container-shm-limit='4096': Input should be greater than or equal to 1048576",
+            id="shm-too-small",
+        ),
+        pytest.param(
+            ["--container-memory-limit", "128MiB", "--container-shm-limit", "64MiB"],
+            "plus --container-shm-limit (67108864 bytes) must be smaller than "
+            "--container-memory-limit (134217728 bytes)",
+            id="tmpfs-total-over-memory",
+        ),
+    ],
+)
+def test_tmpfs_limits_rejected(flags: list[str], expected: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        load_settings(SupervisorSettings, flags)
+
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "clone3_action"), [("runc", "SCMP_ACT_ERRNO"), ("runsc", "SCMP_ACT_ALLOW")]
+)
+def test_seccomp_profile_adapted_to_runtime(runtime: str, clone3_action: str) -> None:
+    flags = [f"--runtime={runtime}", "--no-require-gvisor"]
+    settings = load_settings(SupervisorSettings, flags)
+    agent = AgentContainer(
+        agent_id=AGENT_ID, host_id="h", image_id=IMAGE_ID, image_digest=IMAGE_DIGEST
+    )
+
+    arguments = create_arguments(
+        agent, settings=settings, seccomp_profile=SHIPPED_PROFILE.read_text()
+    )
+
+    seccomp = [opt for opt in arguments["security_opt"] if opt.startswith("seccomp=")]
+    profile = json.loads(seccomp[0].removeprefix("seccomp="))
+    actions = [rule["action"] for rule in profile["syscalls"] if rule["names"] == ["clone3"]]
+    assert actions == [clone3_action]

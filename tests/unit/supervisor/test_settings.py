@@ -88,7 +88,8 @@ def test_flag_sets_value(argv: list[str], field: str, expected: Any) -> None:
         pytest.param("profile", Profile.PRODUCTION, id="profile"),
         pytest.param("allow_http_image_urls", False, id="https-only"),
         pytest.param("bind_address", IPv4Address("127.0.0.1"), id="loopback-ports"),
-        pytest.param("runtime", "runc", id="runtime"),
+        pytest.param("runtime", "runsc", id="runtime"),
+        pytest.param("require_gvisor", True, id="require-gvisor"),
         pytest.param("container_memory_limit", 512 * MIB, id="memory"),
         pytest.param("container_disk_limit", 64 * MIB, id="disk"),
         pytest.param("container_pids_limit", 100, id="pids"),
@@ -119,6 +120,8 @@ def test_development_relaxes_listed_settings() -> None:
     assert settings.relaxed_settings() == {
         "allow_http_image_urls": True,
         "require_signed_images": False,
+        "runtime": "runc",
+        "require_gvisor": False,
     }
 
 
@@ -153,6 +156,8 @@ def test_development_warns_per_relaxed_setting(caplog: pytest.LogCaptureFixture)
     assert [record.__dict__["setting"] for record in warnings] == [
         "allow_http_image_urls",
         "require_signed_images",
+        "runtime",
+        "require_gvisor",
     ]
     assert "allow_http_image_urls" in warnings[0].getMessage()
 
@@ -163,7 +168,11 @@ def test_development_keeps_explicit_flag() -> None:
     )
 
     assert settings.allow_http_image_urls is False
-    assert settings.relaxed_settings() == {"require_signed_images": False}
+    assert settings.relaxed_settings() == {
+        "require_signed_images": False,
+        "runtime": "runc",
+        "require_gvisor": False,
+    }
 
 
 def test_development_keeps_explicit_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +181,11 @@ def test_development_keeps_explicit_environment(monkeypatch: pytest.MonkeyPatch)
     settings = load_settings(SupervisorSettings, ["--profile", "development"])
 
     assert settings.allow_http_image_urls is False
-    assert settings.relaxed_settings() == {"require_signed_images": False}
+    assert settings.relaxed_settings() == {
+        "require_signed_images": False,
+        "runtime": "runc",
+        "require_gvisor": False,
+    }
 
 
 @pytest.mark.parametrize(
@@ -268,3 +281,27 @@ def test_unreadable_signing_key_named(tmp_path: Path) -> None:
         load_signature_policy(settings)
 
     assert str(missing) in str(error.value)
+
+
+def test_require_gvisor_rejects_runc() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(SupervisorSettings, ["--runtime", "runc"])
+
+    assert "--require-gvisor is on but --runtime is 'runc'" in str(caught.value)
+    assert "--no-require-gvisor" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param([], "runsc", id="runsc-default-name"),
+        pytest.param(["--runsc-docker-runtime", "gvisor-ar"], "gvisor-ar", id="runsc-own-name"),
+        pytest.param(
+            ["--runtime", "runc", "--no-require-gvisor", "--runsc-docker-runtime", "x"],
+            "runc",
+            id="runc-ignores-name",
+        ),
+    ],
+)
+def test_docker_runtime_name(argv: list[str], expected: str) -> None:
+    assert load_settings(SupervisorSettings, argv).docker_runtime == expected
