@@ -60,9 +60,16 @@ class Nft:
         return []
 
 
-def route_localnet_values() -> dict[str, str]:
-    """Return `net.ipv4.conf.*.route_localnet` for every interface that has it."""
+def route_localnet_values(conf: Path = Path("/proc/sys/net/ipv4/conf")) -> dict[str, str]:
+    """Return `net.ipv4.conf.*.route_localnet` for every interface that has it.
+
+    An interface removed between listing and reading (an agent's veth when its container
+    stops) is left out: it no longer routes anything.
+    """
     values = {}
-    for path in sorted(Path("/proc/sys/net/ipv4/conf").glob("*/route_localnet")):
-        values[path.parent.name] = path.read_text().strip()
+    for path in sorted(conf.glob("*/route_localnet")):
+        try:
+            values[path.parent.name] = path.read_text().strip()
+        except FileNotFoundError:
+            continue
     return values
