@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set everything up and run the main job once. The script starts the gateway and the
-# supervisor, starts the example echo agent from its `docker save` tarball served at a local
-# URL, and calls it through the gateway. It prints the agent's response, its logs and its
-# audit trail, then stops the agent.
+# Set everything up and run the main job once. The script starts the audit sink, netguard,
+# the supervisor, the egress proxy and the gateway, starts the example echo agent from its
+# `docker save` tarball served at a local URL, and calls it through the gateway. It prints the
+# agent's response, its logs and its audit trail, stops the agent and the services, and
+# verifies the signed audit files.
 #
 # Run as root from a checkout: bash scripts/demo.sh
 # It installs what is missing (scripts/deps.sh), then runs the services in the foreground of
@@ -25,7 +26,9 @@ die() {
     exit 1
 }
 
-cleanup() {
+AUDIT_PID=""
+
+stop_services() {
     local pid
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
@@ -33,6 +36,22 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    PIDS=()
+}
+
+# The audit sink stops last, so that it writes the services' stop events and a final
+# signed checkpoint.
+stop_audit_sink() {
+    if [[ -n "$AUDIT_PID" ]]; then
+        kill "$AUDIT_PID" 2>/dev/null || true
+        wait "$AUDIT_PID" 2>/dev/null || true
+        AUDIT_PID=""
+    fi
+}
+
+cleanup() {
+    stop_services
+    stop_audit_sink
 }
 trap cleanup EXIT
 
@@ -102,6 +121,23 @@ say "creating an API key"
 rm -f "$DEMO/api-keys"
 KEY=$("$BIN/agent-runner" keys create --file "$DEMO/api-keys" --id demo)
 echo "key id 'demo' written to $DEMO/api-keys (hashed)"
+
+say "starting the audit sink (signed, hash-chained files in $DEMO/audit)"
+# The sink signs its checkpoints with this key; a deployment keeps it like any other secret.
+if [[ ! -f "$DEMO/audit-signing.pem" ]]; then
+    "$BIN/agent-runner" audit keygen "$DEMO/audit-signing.pem"
+fi
+"$BIN/agent-runner-audit" --audit-dir "$DEMO/audit" --audit-signing-key "$DEMO/audit-signing.pem" \
+    --audit-checkpoint-interval 2 >"$DEMO/audit.log" 2>&1 &
+AUDIT_PID=$!
+for attempt in $(seq 1 100); do
+    grep -q '"audit .* started' "$DEMO/audit.log" && break
+    if ((attempt == 100)); then
+        tail -n 20 "$DEMO/audit.log" >&2
+        die "the audit sink did not start within 20 s; see $DEMO/audit.log"
+    fi
+    sleep 0.2
+done
 
 say "starting netguard, the supervisor, the egress proxy and the gateway (logs in $DEMO)"
 API_PORT=$(free_port)
@@ -177,4 +213,17 @@ for line in sys.stdin:
           event.get("reason_code") or "", sep="  ")
 '
 
-say "done; stopping the gateway, the proxy, the supervisor and netguard (which removes its tables)"
+say "stopping the gateway, the proxy, the supervisor and netguard (which removes its tables)"
+stop_services
+stop_audit_sink
+
+say "verifying the audit files: hash chain and signed checkpoints"
+# The verification key comes from beside the signing key, not from the audit folder, so a
+# log re-signed with another key would fail.
+PUBLIC_KEYS=("$DEMO"/audit-key-*.pub)
+"$BIN/agent-runner" audit verify "$DEMO/audit" --key "${PUBLIC_KEYS[0]}"
+
+say "the newest audit records on disk"
+"$BIN/agent-runner" audit tail "$DEMO/audit" --lines 8
+
+say "done"
