@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
+import subprocess
 import time
 import unicodedata
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -24,8 +28,9 @@ from libs.common.settings import CommonSettings, load_settings
 from libs.common.store import connect_redis
 from services.supervisor.agent_logs import counts_key, lines_key
 from tests.integration.conftest import Tarball, make_tarball, trusted_sources
+from tests.support.audit_sink import create_signing_key
 from tests.support.images import build_busybox_image
-from tests.support.stack import FileServer, Stack, running_stack
+from tests.support.stack import VENV_BIN, FileServer, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -297,6 +302,66 @@ def check_agent_log(
     assert types.index("agent.started") < types.index("agent.logs_dropped")
     assert types.index("agent.logs_dropped") < types.index("agent.stopped")
     assert len({event["event_id"] for event in events}) == len(events)
+    check_audit_chain(logs_stack, agent_id, expected_drops=len(drops))
+
+
+def check_audit_chain(stack: Stack, agent_id: str, *, expected_drops: int) -> None:
+    """Write the stack's audit stream with the real sink and verify the signed chain."""
+    folder = stack.workdir / f"audit-{agent_id}"
+    folder.mkdir()
+    public_key = create_signing_key(folder / "signing.pem")
+    records = folder / "records"
+    log = (folder / "sink.log").open("ab")
+    sink = subprocess.Popen(
+        [
+            VENV_BIN / "agent-runner-audit",
+            f"--audit-dir={records}",
+            f"--audit-signing-key={folder / 'signing.pem'}",
+            f"--audit-consumer=logs-{agent_id}",
+        ],
+        env=stack.env(),
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while drop_records(records) < expected_drops:
+            assert sink.poll() is None, (folder / "sink.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the sink did not write the drop events in 30 s"
+            time.sleep(0.2)
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(timeout=30)
+        log.close()
+
+    verified = subprocess.run(
+        [VENV_BIN / "agent-runner", "audit", "verify", str(records), "--key", str(public_key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    written = [
+        json.loads(line)
+        for path in sorted(records.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    raw = "".join(path.read_text() for path in records.glob("*.jsonl"))
+    assert "\x1b" not in raw
+    assert "\r" not in raw
+    assert drop_records(records) == expected_drops
+    assert {record["kind"] for record in written} >= {"checkpoint"}
+
+
+def drop_records(records: Path) -> int:
+    """Return how many agent.logs_dropped events the sink wrote to `records` so far."""
+    return sum(
+        1
+        for path in records.glob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if json.loads(line).get("event", {}).get("type") == "agent.logs_dropped"
+    )
 
 
 QUIET_SCRIPT = b"""#!/bin/sh
