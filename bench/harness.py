@@ -155,12 +155,17 @@ def echo_image(client: docker.DockerClient, folder: Path) -> Iterator[EchoImage]
         finally:
             server.close()
     finally:
-        try:
-            client.images.remove(image_id)
-        except docker.errors.ImageNotFound:
-            pass
-        except docker.errors.APIError as exc:
-            print(f"warning: cannot remove image {image_id}: {exc}", file=sys.stderr)
+        remove_image(client, image_id)
+
+
+def remove_image(client: docker.DockerClient, image_id: str) -> None:
+    """Remove an image the benchmark built; print a warning when Docker refuses."""
+    try:
+        client.images.remove(image_id)
+    except docker.errors.ImageNotFound:
+        pass
+    except docker.errors.APIError as exc:
+        print(f"warning: cannot remove image {image_id}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager
