@@ -123,7 +123,7 @@ KEY=$("$BIN/agent-runner" keys create --file "$DEMO/api-keys" --id demo)
 echo "key id 'demo' written to $DEMO/api-keys (hashed)"
 
 say "starting the audit sink (signed, hash-chained files in $DEMO/audit)"
-# The sink signs its checkpoints with this key; a deployment keeps it like any other secret.
+# The sink signs its checkpoints with this key. A deployment keeps it like any other secret.
 if [[ ! -f "$DEMO/audit-signing.pem" ]]; then
     "$BIN/agent-runner" audit keygen "$DEMO/audit-signing.pem"
 fi
@@ -218,8 +218,8 @@ stop_services
 stop_audit_sink
 
 say "verifying the audit files: hash chain and signed checkpoints"
-# The verification key comes from beside the signing key, not from the audit folder, so a
-# log re-signed with another key would fail.
+# The verification key is read from beside the signing key, not from the audit folder, so
+# verification fails for a log re-signed with another key.
 PUBLIC_KEYS=("$DEMO"/audit-key-*.pub)
 "$BIN/agent-runner" audit verify "$DEMO/audit" --key "${PUBLIC_KEYS[0]}"
 

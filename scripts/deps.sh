@@ -230,8 +230,8 @@ install_runsc_wrapper() {
 # name with another path is left alone, because the operator may have registered an upstream
 # runsc on purpose. The supervisor's startup probe tests whichever is registered.
 register_runsc_runtime() {
-    # daemon.json belongs to whoever runs the daemon: with a dockerd that this script did
-    # not start, it is left unchanged and the operator is told what to add.
+    # daemon.json belongs to the operator of a dockerd that this script did not start, so it
+    # is left unchanged and the log names the entry to add.
     if pgrep -x dockerd >/dev/null && ! owned_pid "$RUN_DIR/dockerd.pid" /usr/sbin/dockerd >/dev/null; then
         if ! docker_has_runtime "$RUNSC_RUNTIME_NAME"; then
             log "warning: the running dockerd was not started by this script and has no runtime" \
@@ -286,7 +286,7 @@ reload_docker_runtimes() {
         return
     fi
     if ! pid=$(owned_pid "$RUN_DIR/dockerd.pid" /usr/sbin/dockerd); then
-        return  # register_runsc_runtime told the operator what to do
+        return  # register_runsc_runtime logged the entry to add
     fi
     log "reloading dockerd (pid $pid) to register runtime '$RUNSC_RUNTIME_NAME'"
     kill -HUP "$pid"

@@ -82,9 +82,9 @@ def configure_logging(*, service: str, host: str, level: str = "INFO") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
-    # A C library that aborts (libnftables ends the process on some internal assertions)
-    # would otherwise leave no trace in the log; this prints every thread's Python stack to
-    # standard error on SIGABRT, SIGSEGV, SIGFPE, SIGBUS and SIGILL.
+    # libnftables ends the process with abort() on some internal assertions, which would
+    # leave no trace in the log. This prints every thread's Python stack to standard error
+    # on SIGABRT, SIGSEGV, SIGFPE, SIGBUS and SIGILL.
     faulthandler.enable(file=sys.stderr, all_threads=True)
     # Client libraries log wire detail at INFO; keep their lifecycle warnings only.
     for noisy in ("httpx", "httpcore", "docker", "urllib3", "nats"):
