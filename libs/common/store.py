@@ -165,15 +165,12 @@ class AgentStore:
         except RedisError as exc:
             raise StoreError(f"cannot write image index for {digest!r}: {exc}") from exc
 
-    async def save_final_logs(self, agent_id: str, lines_json: str) -> None:
-        """Keep an agent's last sanitised output after its container is removed."""
-        try:
-            await self._redis.set(f"{PREFIX}logs:{agent_id}", lines_json, ex=self._final_record_ttl)
-        except RedisError as exc:
-            raise StoreError(f"cannot store logs of agent {agent_id!r}: {exc}") from exc
-
     async def final_logs(self, agent_id: str) -> str | None:
-        """Return the output kept by `save_final_logs`, if any."""
+        """Return the output an earlier version kept at stop, if any.
+
+        Supervisors now keep logs as structured records (services/supervisor/agent_logs.py);
+        this key is read only for agents that stopped before the upgrade, until it expires.
+        """
         try:
             value = await self._redis.get(f"{PREFIX}logs:{agent_id}")
         except RedisError as exc:
