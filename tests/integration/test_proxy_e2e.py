@@ -60,7 +60,7 @@ from tests.support.probe import (
     start_probe_agent,
     tcp_probe,
 )
-from tests.support.stack import PROXY_UID, FileServer, Stack, agent_runtime, running_stack
+from tests.support.stack import PROXY_UID, FileServer, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -695,46 +695,38 @@ def inspecting_proxy(stack: Stack, web: FakeWeb) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The host's curl in the agent's namespace (run_host_program) uses the host kernel's network
-# stack. Under runsc the agent's packets come from gVisor's stack instead, and that side of
-# the namespace has no address or route of its own.
-HOST_PROGRAM_PROBE = pytest.mark.skipif(
-    agent_runtime() == "runsc",
-    reason="under runsc the agent's network stack is gVisor's, not the namespace's",
-)
-
-
-def curl_via_public_host(url: str, *options: str) -> list[str]:
+def curl_via_public_host(url: str, *options: str) -> str:
     """Return a curl command for `url` that connects to the public fake host without DNS.
 
     busybox's TLS client offers no signature algorithms, which the proxy's OpenSSL refuses
-    when it terminates TLS, so these tests use the host's curl in the agent's namespace. It
+    when it terminates TLS, so these tests run the curl that the probe image carries. It
     does not check the proxy's certificate; the test is about what the proxy decides.
     """
-    return [
-        "curl",
-        "--silent",
-        "--insecure",
-        "--max-time",
-        str(PROBE_TIMEOUT_SECONDS),
-        "--resolve",
-        f"allowed.test:443:{PUBLIC_HOST}",
-        "--write-out",
-        "%{http_code} ",
-        *options,
-        url,
-    ]
+    return shlex.join(
+        [
+            "timeout",
+            str(PROBE_TIMEOUT_SECONDS + 2),
+            "curl",
+            "--silent",
+            "--insecure",
+            "--max-time",
+            str(PROBE_TIMEOUT_SECONDS),
+            "--resolve",
+            f"allowed.test:443:{PUBLIC_HOST}",
+            "--write-out",
+            "%{http_code} ",
+            *options,
+            url,
+        ]
+    )
 
 
-@HOST_PROGRAM_PROBE
 def test_inspection_decrypts_and_checks_each_request(
     agent: ProbeAgent, web: FakeWeb, stack: Stack, inspecting_proxy: None
 ) -> None:
     mark = web.mark()
 
-    fetched = agent.run_host_program(
-        curl_via_public_host("https://allowed.test/inspected?token=secret")
-    )
+    fetched = agent.run(curl_via_public_host("https://allowed.test/inspected?token=secret"))
 
     assert fetched.exit_code == 0, str(fetched)
     assert fetched.text == f"{PUBLIC_TLS} {PUBLIC_HOST}\n200 "
@@ -747,13 +739,12 @@ def test_inspection_decrypts_and_checks_each_request(
     assert event["details"]["status"] == 200
 
 
-@HOST_PROGRAM_PROBE
 def test_inspection_rejects_host_other_than_sni(
     agent: ProbeAgent, web: FakeWeb, stack: Stack, inspecting_proxy: None
 ) -> None:
     mark = web.mark()
 
-    fetched = agent.run_host_program(
+    fetched = agent.run(
         curl_via_public_host(
             "https://allowed.test/smuggled", "--header", "Host: other.allowed.test"
         )

@@ -23,6 +23,9 @@ BUSYBOX = Path("/bin/busybox")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ECHO_AGENT_FILES = REPO_ROOT / "examples" / "echo-agent" / "files"
 ECHO_AGENT_ENTRYPOINT = ["/entrypoint.sh"]
+# Programs, the dynamic loader and shared libraries start with it. The first two need mode 755
+# to be executed, and libraries get the same mode.
+ELF_MAGIC = b"\x7fELF"
 
 # Empty mount points, so that Docker need not create them in a read-only root filesystem.
 _BASE_DIRECTORIES = ("bin", "dev", "etc", "proc", "sys")
@@ -40,10 +43,10 @@ def build_busybox_image(
     """Import a busybox image and return its ID, "sha256:<64 hex digits>".
 
     extra_files maps paths relative to the image root to file contents. A file starting with
-    "#!" gets mode 755, any other file 644, and every file is owned by root. An extra file may
-    replace an applet link such as "bin/sh". The image sets PATH=/bin and no user, so it runs as
-    root unless the container is started with another user. It is tagged only when tag
-    ("name" or "name:tag") is given.
+    "#!" or with the ELF magic number gets mode 755, any other file 644, and every file is
+    owned by root. An extra file may replace an applet link such as "bin/sh". The image sets
+    PATH=/bin and no user, so it runs as root unless the container is started with another
+    user. It is tagged only when tag ("name" or "name:tag") is given.
 
     Raises FileNotFoundError when /bin/busybox is missing or not statically linked. Raises
     ValueError for an extra-file path that is absolute, contains "..", names bin/busybox or
@@ -140,7 +143,7 @@ def _busybox_rootfs_tar(extra_files: dict[str, bytes]) -> bytes:
                 archive.addfile(link)
 
         for name, content in sorted(files.items()):
-            mode = 0o755 if content.startswith(b"#!") else 0o644
+            mode = 0o755 if content.startswith((b"#!", ELF_MAGIC)) else 0o644
             _add_file(archive, name, content, mode=mode)
     return buffer.getvalue()
 

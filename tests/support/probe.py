@@ -3,8 +3,9 @@
 The probe agent is a busybox image started through the gateway like any other agent. It
 serves HTTP on port 80, so the supervisor's readiness probe passes, and on port 1234, so
 another agent has a second port to try. A test runs each probe with `docker exec` as the
-agent's own user 65534 and reads its exit status and output. ICMP, which that user cannot
-send with busybox, goes from a host process inside the agent's network namespace instead.
+agent's own user 65534 and reads its exit status and output. The image adds icmp-echo and
+curl (probe_tools.py) for what busybox cannot do as that user, so every client runs inside the
+agent and, under runsc, uses gVisor's network stack like any agent program.
 
 Every network command is wrapped in `timeout` directly, not around a shell, because a killed
 shell would leave its child holding the exec's output open. Debian 12's busybox-static
@@ -14,7 +15,9 @@ shell would leave its child holding the exec's output open. Debian 12's busybox-
 from __future__ import annotations
 
 import enum
+import json
 import shlex
+import socket
 import struct
 import subprocess
 import time
@@ -25,32 +28,18 @@ import docker
 import httpx
 
 from tests.support.images import build_busybox_image
+from tests.support.probe_tools import curl_files, icmp_echo_file
 
 PROBE_USER = "65534:65534"
-AGENT_UID = 65534
 PROBE_TIMEOUT_SECONDS = 3
 LATERAL_PORT = 1234
 # Exit statuses of a command that `timeout` ended: busybox sends SIGTERM (128 + 15), and
 # coreutils' timeout exits with 124.
 TIMED_OUT_STATUSES = frozenset({124, 143})
-# Debian's interpreter, which uid 65534 can run, unlike a venv's interpreter under /root.
-HOST_PYTHON = "/usr/bin/python3"
-
-# Sends one ICMP echo request over an ICMP datagram socket, which any user may open when
-# net.ipv4.ping_group_range covers their group (Docker 20.10 sets "0 2147483647" in the agent's
-# namespace), and waits 2 s for the reply. Exits 0 on a reply, 1 without.
-ICMP_ECHO_SCRIPT = """
-import socket, struct, sys
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-sock.settimeout(2)
-sock.sendto(struct.pack("!BBHHH", 8, 0, 0, 0, 1) + b"agent-runner-probe", (sys.argv[1], 0))
-try:
-    _, peer = sock.recvfrom(1024)
-except TimeoutError:
-    print("no reply")
-    sys.exit(1)
-print("reply from", peer[0])
-"""
+# Seconds icmp-echo waits for the reply, below PROBE_TIMEOUT_SECONDS so that it prints
+# "no reply" before `timeout` ends it.
+ICMP_REPLY_SECONDS = 2
+ETHERTYPE_ARP = 0x0806
 
 PROBE_ENTRYPOINT = f"""#!/bin/sh
 # Probe agent: serve /www over HTTP on port 80 and on port {LATERAL_PORT}. busybox httpd logs
@@ -100,12 +89,20 @@ class ProbeResult:
 
 
 def build_probe_image(client: docker.DockerClient) -> str:
-    """Import the probe agent as an image and return its ID."""
+    """Import the probe agent, with icmp-echo and curl, as an image and return its ID.
+
+    Raises FileNotFoundError without gcc or curl on the host.
+    """
     return build_busybox_image(
         client,
         entrypoint=["/entrypoint.sh"],
         cmd=None,
-        extra_files={"entrypoint.sh": PROBE_ENTRYPOINT, "www/index.html": b"probe-agent\n"},
+        extra_files={
+            "entrypoint.sh": PROBE_ENTRYPOINT,
+            "www/index.html": b"probe-agent\n",
+            **icmp_echo_file(),
+            **curl_files(),
+        },
     )
 
 
@@ -136,51 +133,61 @@ class ProbeAgent:
         )
 
     def ping(self, host: str) -> ProbeResult:
-        """Send one ICMP echo request to `host` from the agent's network namespace.
+        """Send one ICMP echo request to `host` from inside the agent, as the agent's user.
 
         busybox ping needs a raw socket, which the agent's user may not open (no CAP_NET_RAW),
-        and a privileged `docker exec` fails in the agent's container with Docker 20.10 ("unable
-        to apply caps: operation not permitted"). So a host
-        process enters the agent's network namespace as uid 65534 and sends the request over
-        an ICMP datagram socket, as an agent's own program could. Its packets take the agent's
-        path through the bridge and the firewall; the container's seccomp filter does not apply
-        to it.
+        so icmp-echo uses an ICMP datagram socket, which runc's kernel allows for the groups
+        in net.ipv4.ping_group_range (Docker 20.10 sets "0 2147483647" in the agent's
+        namespace) and gVisor's netstack allows too (runsc 0.0~20221219). The output is
+        "reply from <address>" with status 0, or "no reply" with status 1.
         """
-        return self._in_namespace(
-            [
-                f"--setuid={AGENT_UID}",
-                f"--setgid={AGENT_UID}",
-                HOST_PYTHON,
-                "-I",
-                "-c",
-                ICMP_ECHO_SCRIPT,
-                host,
-            ]
+        return self.run(
+            f"timeout {PROBE_TIMEOUT_SECONDS} icmp-echo {shlex.quote(host)} {ICMP_REPLY_SECONDS}"
         )
 
-    def run_host_program(self, command: list[str]) -> ProbeResult:
-        """Run a host program (curl, say) in the agent's network namespace as the agent's user.
+    def teach_neighbour(self, address: str, mac: str) -> None:
+        """Make the agent's own network stack learn that `address` is at `mac`.
 
-        For clients the busybox image lacks. Its packets take the agent's path through the
-        bridge and the firewall; it must bound its own network calls.
+        The agent cannot add a neighbour entry itself, and under runsc no host tool can either,
+        because gVisor keeps its own neighbour table and supports no `ip neigh`. Both Linux
+        and gVisor (runsc 0.0~20221219) store the sender of an ARP request whose target is
+        their own address. So this sends such a request, "who has <agent>? tell <address> at
+        <mac>", into the agent's eth0 from the host's end of its veth pair, where the bridge's
+        firewall never sees it. Tests use it to send IPv4 to another agent although ARP
+        between agents is dropped.
         """
-        return self._in_namespace([f"--setuid={AGENT_UID}", f"--setgid={AGENT_UID}", *command])
-
-    def set_neighbour(self, address: str, mac: str) -> None:
-        """Add a permanent ARP entry in the agent's namespace, so no ARP request is needed.
-
-        The agent itself cannot do this without CAP_NET_ADMIN. Tests use it to send IPv4 to
-        another agent although ARP between agents is dropped.
-        """
-        result = self._in_namespace(
-            ["ip", "neigh", "replace", address, "lladdr", mac, "dev", "eth0", "nud", "permanent"]
+        frame = (
+            mac_bytes(self.mac)
+            + mac_bytes(mac)
+            + struct.pack("!H", ETHERTYPE_ARP)
+            # Ethernet, IPv4, 6-byte and 4-byte addresses, request.
+            + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + mac_bytes(mac)
+            + socket.inet_aton(address)
+            + bytes(6)
+            + socket.inet_aton(self.address)
         )
-        assert result.exit_code == 0, str(result)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sender:
+            sender.bind((self.host_interface(), 0))
+            sender.send(frame)
 
     def forget_neighbour(self, address: str) -> None:
-        """Remove any ARP entry for `address`, so the next packet to it needs an ARP request."""
+        """Remove the host kernel's ARP entry for `address` in the agent's namespace.
+
+        Under runc that is the agent's own entry, so the next packet to `address` needs an
+        ARP request. NOTE: under runsc it clears nothing of the agent's, because gVisor keeps
+        its own neighbour table. An entry that teach_neighbour added there stays until
+        gVisor's own ARP probes, which the firewall drops, time out.
+        """
         result = self._in_namespace(["ip", "neigh", "flush", "to", address, "dev", "eth0"])
         assert result.exit_code == 0, str(result)
+
+    def host_interface(self) -> str:
+        """Return the name of the host's end of the agent's veth pair, a port of the bridge."""
+        result = self._in_namespace(["ip", "-j", "link", "show", "dev", "eth0"])
+        assert result.exit_code == 0, str(result)
+        [link] = json.loads(result.output)
+        return socket.if_indextoname(int(link["link_index"]))
 
     @property
     def published_port(self) -> int:
@@ -291,6 +298,11 @@ def dns_answer_address(reply: bytes) -> str | None:
         return None
     # The address is the last 4 bytes of a reply that ends with an A record.
     return ".".join(str(byte) for byte in packet[-4:])
+
+
+def mac_bytes(mac: str) -> bytes:
+    """Return the 6 bytes of a MAC address written as "02:42:ac:1d:04:02"."""
+    return bytes(int(part, 16) for part in mac.split(":"))
 
 
 def shell_bytes(data: bytes) -> str:
