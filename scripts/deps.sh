@@ -38,6 +38,9 @@ APT_PACKAGES=(
     busybox-static
     curl
     runsc
+    # The tests compile small static probes (seccomp, setuid, ICMP) into agent images.
+    gcc
+    libc6-dev
     iproute2
     procps
 )
