@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ class FirewallError(Exception):
 
 
 class Nft:
-    """A libnftables context with JSON input and output."""
+    """A libnftables context with JSON input and output, safe to call from several threads.
+
+    One libnftables context is not thread-safe: netguard calls it from asyncio's worker
+    threads (the periodic check, counters, agent registration), and two calls at once
+    crashed the process with a segmentation fault or a failed libnftnl assertion. Every call
+    therefore holds one lock.
+    """
 
     def __init__(self) -> None:
         try:
@@ -32,16 +39,23 @@ class Nft:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
+        self._lock = threading.Lock()
+
+    def _cmd(self, command: str) -> tuple[int, str, str]:
+        with self._lock:
+            rc, output, error = self._nft.cmd(command)
+        return int(rc), str(output), str(error)
 
     def run(self, batch: dict[str, Any]) -> None:
         """Apply a JSON batch as one transaction; raises FirewallError when it is rejected."""
-        rc, _, error = self._nft.json_cmd(batch)
+        with self._lock:
+            rc, _, error = self._nft.json_cmd(batch)
         if rc != 0:
             raise FirewallError(f"nftables rejected the batch: {error.strip() or rc}")
 
     def list_table(self, family: str, table: str) -> list[dict[str, Any]] | None:
         """Return the JSON items of a table, or None when it does not exist."""
-        rc, output, error = self._nft.cmd(f"list table {family} {table}")
+        rc, output, error = self._cmd(f"list table {family} {table}")
         if rc != 0:
             if "No such file or directory" in error:
                 return None
@@ -51,7 +65,7 @@ class Nft:
 
     def set_elements(self, family: str, table: str, name: str) -> list[str]:
         """Return the elements of a set as strings."""
-        rc, output, error = self._nft.cmd(f"list set {family} {table} {name}")
+        rc, output, error = self._cmd(f"list set {family} {table} {name}")
         if rc != 0:
             raise FirewallError(f"cannot list set {family} {table} {name}: {error.strip()}")
         for item in json.loads(output)["nftables"]:
