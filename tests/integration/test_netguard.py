@@ -345,8 +345,8 @@ def test_metrics_show_firewall_state(guarded: Stack) -> None:
 
 
 def test_readiness_shows_verified_firewall(guarded: Stack, client: httpx.Client) -> None:
-    # netguard restarted in an earlier test; its state reaches the gateway with its next
-    # periodic check, which a loaded machine can delay by a few intervals.
+    # netguard restarted in an earlier test. Its state reaches the gateway with its next
+    # periodic check, and a loaded machine can delay that by a few intervals.
     deadline = time.monotonic() + 15
     readiness = client.get("/readyz")
     while readiness.status_code != 200 and time.monotonic() < deadline:
