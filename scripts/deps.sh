@@ -162,7 +162,7 @@ install_seccomp_profile() {
 # The AppArmor profile of agents. Loading policy needs CAP_MAC_ADMIN, which the supervisor
 # should not need, so this script loads it and the supervisor only checks that it is loaded:
 # with AppArmor enabled and the profile missing, the supervisor refuses to start. The kernel
-# forgets the profile at reboot, so run this script again after one. -r replaces a loaded
+# drops the profile at reboot, so run this script again after one. -r replaces a loaded
 # version and -W caches the compiled policy.
 APPARMOR_PROFILE="$ROOT/services/supervisor/profiles/apparmor-agent"
 apparmor_enabled() {

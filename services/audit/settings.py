@@ -30,7 +30,7 @@ class AuditSettings(CommonSettings):
         None,
         description="Ed25519 private key (unencrypted PKCS#8 PEM, mode 600) that signs the "
         "checkpoints. Required by the production profile. Keep it off the machine's backups "
-        "of --audit-dir: whoever has it can forge a log.",
+        "of --audit-dir, because anyone with a copy can forge a log.",
     )
     audit_generate_key: bool = Field(
         False,

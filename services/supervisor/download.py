@@ -79,8 +79,8 @@ def check_image_url(url: str, *, allow_http: bool) -> ImageUrl:
 def check_requested_source(url: str, limits: DownloadLimits) -> ImageUrl:
     """Check the scheme and trusted source of a requested URL without connecting anywhere.
 
-    Runs on every start, also when the digest is already cached: otherwise anyone who knows
-    the digest of a cached image could start it from any URL, without access to its source.
+    Runs on every start, also when the digest is already cached. Otherwise anyone with the
+    digest of a cached image could start it from any URL, without access to its source.
     Raises ImageRejected with reason `url_not_allowed` or `source_not_trusted`.
     """
     checked = check_image_url(url, allow_http=limits.allow_http)

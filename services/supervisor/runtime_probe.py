@@ -8,7 +8,7 @@ implements its own kernel, whose version string differs from the host's. Under r
 container reads the host's. The result goes to the log, the metrics and the audit trail
 (runtime.probed), and --require-gvisor stops the supervisor when the probe fails.
 
-The probe image holds one file, the host's statically linked busybox, imported with
+The probe image contains one file, the host's statically linked busybox, imported with
 `docker import` because there is no registry to pull from. It is labelled with the binary's
 digest and reused by later starts.
 """

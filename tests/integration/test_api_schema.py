@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,11 +40,11 @@ from urllib.parse import urlsplit
 import docker
 import httpx
 import pytest
-import redis
 
 from tests.integration.conftest import Tarball, trusted_sources
 from tests.support import schemathesis_checks
-from tests.support.stack import VENV_BIN, FileServer, Stack, free_port, running_stack
+from tests.support.redis_server import RedisServer
+from tests.support.stack import VENV_BIN, FileServer, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -79,74 +78,6 @@ CONNECTION_MESSAGES = re.compile(
 )
 
 
-class PrivateRedis:
-    """A redis-server of this module on a free loopback port, without persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.password = uuid.uuid4().hex
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def flags(self) -> list[str]:
-        """Service flags that put the agent store and rate limits on this server."""
-        return [f"--redis-url=redis://127.0.0.1:{self.port}/0", f"--redis-password={self.password}"]
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with (self.workdir / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    "redis-server",
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--requirepass",
-                    self.password,
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
-                stdout=log,
-                stderr=log,
-            )
-
-        client = redis.Redis(port=self.port, password=self.password, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    time.sleep(0.1)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(
-            f"redis-server on port {self.port} did not respond within 10 s. "
-            f"See {self.workdir / 'redis.log'}"
-        )
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-
-
 @dataclass(frozen=True)
 class EchoAgent:
     """The agent started before the schema run, from the module's trusted file server."""
@@ -176,8 +107,8 @@ def local_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServe
 
 
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path_factory.mktemp("schema-redis"))
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("schema-redis"))
     server.start()
     try:
         yield server
@@ -187,7 +118,7 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
 
 @pytest.fixture(scope="module")
 def schema_stack(
-    tmp_path_factory: pytest.TempPathFactory, local_source: FileServer, private_redis: PrivateRedis
+    tmp_path_factory: pytest.TempPathFactory, local_source: FileServer, private_redis: RedisServer
 ) -> Iterator[Stack]:
     with running_stack(
         tmp_path_factory.mktemp("schema-stack"),
@@ -463,7 +394,7 @@ def test_schema_run_fails_on_gateway_timeout(
 
 
 def test_store_outage_responses_documented(
-    schema_stack: Stack, private_redis: PrivateRedis, tmp_path: Path
+    schema_stack: Stack, private_redis: RedisServer, tmp_path: Path
 ) -> None:
     # Runs last in file order because the stack keeps no agent store after this.
     private_redis.stop()

@@ -39,7 +39,8 @@ from services.api.ratelimit import (
     connect_limiter_redis,
 )
 from services.api.settings import ApiSettings
-from tests.support.stack import VENV_BIN, Stack, free_port
+from tests.support.redis_server import RedisServer
+from tests.support.stack import VENV_BIN, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -581,68 +582,9 @@ def test_successes_counted_at_shutdown(limited: Stack) -> None:
 # Redis stopped
 
 
-class OwnRedis:
-    """A redis-server of this test on a free loopback port, stopped by pid."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.password = uuid.uuid4().hex
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = (self.workdir / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--requirepass",
-                self.password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log,
-            stderr=log,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                [
-                    "redis-cli",
-                    "-p",
-                    str(self.port),
-                    "--no-auth-warning",
-                    "-a",
-                    self.password,
-                    "ping",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if probe.stdout.strip() == "PONG":
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not respond to PING within 10 s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path / "redis")
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
     server.start()
     try:
         yield server
@@ -651,7 +593,7 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 
 @pytest.fixture
-def on_own_redis(tmp_path: Path, own_redis: OwnRedis) -> Iterator[Stack]:
+def on_own_redis(tmp_path: Path, own_redis: RedisServer) -> Iterator[Stack]:
     """A gateway whose agent store and rate limits use `own_redis`."""
     with gateway(
         tmp_path / "own-redis",
@@ -661,7 +603,7 @@ def on_own_redis(tmp_path: Path, own_redis: OwnRedis) -> Iterator[Stack]:
         yield running.stack
 
 
-def test_redis_down_counts_locally(on_own_redis: Stack, own_redis: OwnRedis) -> None:
+def test_redis_down_counts_locally(on_own_redis: Stack, own_redis: RedisServer) -> None:
     with httpx.Client(
         base_url=on_own_redis.api_url, headers=on_own_redis.headers, timeout=30
     ) as api:

@@ -157,9 +157,9 @@ def test_each_stress_stopped_by_own_limit(
     assert echo_checks, "the loop ended before the echo agent was checked"
     assert all(echo_checks), echo_checks
     assert echo_alive
-    # Every record GET answered 200 throughout (timed_get checks it). How much slower they
-    # were under stress is a speed figure, measured by bench/stress.py against the idle
-    # latency of the same run; this prints it for the log.
+    # timed_get checked that every record GET returned 200. How much slower they were under
+    # stress is a speed figure, which bench/stress.py compares with the idle latency of the
+    # same run. The test only prints it for the log.
     print(
         f"record GET p99: idle {p99(idle) * 1000:.2f} ms over {len(idle)} requests, "
         f"under stress {p99(loaded) * 1000:.2f} ms over {len(loaded)} requests"

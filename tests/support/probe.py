@@ -153,7 +153,7 @@ class ProbeAgent:
         and gVisor (runsc 0.0~20221219) store the sender of an ARP request whose target is
         their own address. So this sends such a request, "who has <agent>? tell <address> at
         <mac>", into the agent's eth0 from the host's end of its veth pair, where the bridge's
-        firewall never sees it. Tests use it to send IPv4 to another agent although ARP
+        firewall never filters it. Tests use it to send IPv4 to another agent although ARP
         between agents is dropped.
         """
         frame = (

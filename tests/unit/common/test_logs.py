@@ -34,7 +34,7 @@ def test_lines_are_json_with_service_and_host() -> None:
     assert (line["service"], line["host"], line["level"]) == ("netguard", "h1", "WARNING")
 
 
-def test_abort_in_a_c_library_leaves_a_stack_in_the_log() -> None:
+def test_abort_leaves_stack_in_log() -> None:
     # libnftables ends the process with abort() on some assertions; without a handler the
     # service would vanish without a line.
     result = run_service_code("import os\nos.abort()")
