@@ -8,7 +8,7 @@ containers are then created with the docker SDK from the supervisor's own `creat
 for `--runtime=runc` and for `--runtime=runsc`. Both get the same user, read-only root,
 capabilities, seccomp profile, tmpfs, memory and CPU limits, sysctls, init, port and sandbox
 network. They differ only in what the runtime needs: under runsc the resolv.conf mount, the
-sandbox's pids limit and RLIMIT_NPROC (services/supervisor/gvisor_dns.py).
+sandbox's pids limit and RLIMIT_NPROC (services/supervisor/gvisor_options.py).
 
 Start: from `docker create` until the agent's published port returns any HTTP response,
 polled every `--poll-interval` seconds. Requests: `GET /` straight to the published port, one
@@ -40,7 +40,7 @@ from bench.harness import (
 )
 from libs.common.settings import load_settings
 from services.supervisor.container_spec import AGENT_PORT, AgentContainer, create_arguments
-from services.supervisor.gvisor_dns import write_resolv_conf
+from services.supervisor.gvisor_options import write_resolv_conf
 from services.supervisor.seccomp import load_seccomp_profile
 from services.supervisor.settings import SupervisorSettings
 from tests.support.stack import Stack

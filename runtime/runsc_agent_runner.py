@@ -16,6 +16,12 @@ the wrapper rejects it itself before `create`, `run` and `restore`: the bundle's
 must list a network namespace, and that namespace must not be the one of PID 1 or of this
 process. Docker's `--network=host` lists /var/run/docker/netns/default, the host's.
 
+Writable bind mounts, such as the tmpfs volumes that agent-runner gives agents at /tmp and
+/dev/shm under gVisor, get nosuid, nodev and noexec in the bundle's config.json before
+`create`. Docker has no way to ask for these on a volume, and gVisor applies the flags it is
+given itself: without them it neither lists nor enforces flags of the host's mount, and
+running a program from such a mount ends in SIGSEGV instead of EACCES.
+
 A failed `create` or `start` leaves runsc sandbox and gofer processes behind that `docker rm`
 does not remove. After such a failure the wrapper runs `runsc delete --force` for the
 container and then sends SIGKILL to each remaining runsc process with the container id in an
@@ -167,6 +173,44 @@ def check_network_namespace(config: object) -> None:
                 )
 
 
+WRITABLE_MOUNT_FLAGS = ("nosuid", "nodev", "noexec")
+
+
+def harden_mounts(config: object) -> bool:
+    """Add nosuid, nodev and noexec to every writable bind mount; return True on any change."""
+    mounts = config.get("mounts") if isinstance(config, dict) else None
+    if not isinstance(mounts, list):
+        return False
+    changed = False
+    for mount in mounts:
+        if not isinstance(mount, dict):
+            continue
+        options = mount.get("options")
+        if not isinstance(options, list) or not {"bind", "rbind"} & set(options):
+            continue
+        if "ro" in options:
+            continue
+        missing = [flag for flag in WRITABLE_MOUNT_FLAGS if flag not in options]
+        if missing:
+            mount["options"] = [*options, *missing]
+            changed = True
+    return changed
+
+
+def save_config(bundle: Path, config: object) -> None:
+    """Replace the bundle's config.json atomically; raise Rejected when it cannot be written."""
+    path = bundle / "config.json"
+    temporary = bundle / f".config.json.{os.getpid()}"
+    try:
+        temporary.write_text(json.dumps(config))
+        os.chmod(temporary, os.stat(path).st_mode & 0o7777)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise Rejected(f"cannot write {str(path)!r}: {exc}") from exc
+
+
 def report_error(global_args: list[str], message: str) -> None:
     """Write `message` to stderr and, as runc does, to the --log file that Docker reads."""
     print(f"runsc-agent-runner: {message}", file=sys.stderr)
@@ -251,7 +295,10 @@ def main(argv: list[str]) -> int:
     try:
         if index is not None and subcommand in SANDBOX_SUBCOMMANDS:
             bundle, container_id = parse_bundle(argv[index + 1 :])
-            check_network_namespace(load_config(bundle))
+            config = load_config(bundle)
+            check_network_namespace(config)
+            if harden_mounts(config):
+                save_config(bundle, config)
         elif index is not None and subcommand == "start":
             container_id = parse_bundle(argv[index + 1 :])[1]
     except Rejected as exc:

@@ -24,7 +24,7 @@ echo "test: docs/configuration.md up to date" >&2
 echo "test: pytest" >&2
 "$BIN/pytest" -p no:cacheprovider -q "$@"
 
-# Second pass: the end-to-end and isolation tests again with every agent under gVisor
+# Second pass: the end-to-end, isolation and limit tests again with every agent under gVisor
 # (docs/runtime.md). Skipped when pytest arguments select tests, or with
 # AGENT_RUNNER_SKIP_RUNSC_PASS=1.
 RUNSC_PASS=(
@@ -34,6 +34,10 @@ RUNSC_PASS=(
     tests/integration/test_firewall_matrix.py
     tests/integration/test_netguard.py
     tests/integration/test_restarts.py
+    tests/integration/test_limits.py
+    tests/integration/test_filesystem_limits.py
+    tests/integration/test_setuid_helper.py
+    tests/integration/test_seccomp_profile.py
 )
 if (($# == 0)) && [[ "${AGENT_RUNNER_SKIP_RUNSC_PASS:-0}" != 1 ]]; then
     echo "test: pytest, agents under runsc" >&2

@@ -11,12 +11,18 @@ each mount point through `/proc/<pid>/root` of a process in the container and ca
 `fstatvfs` on it. Before that it checks that the opened directory is on the tmpfs device
 that the container's own mount table lists for that path, so a symlink in the image cannot
 point the reading at a host file system.
+
+Under gVisor the tmpfs mounts live in the sandbox's kernel, so agents there get host tmpfs
+volumes instead (gvisor_options.py). The reader is then given `mount_sources`, which names the
+host folder of each volume; it checks in its own mount table that a tmpfs is mounted there
+and measures that.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,18 +121,24 @@ class CgroupReader:
         root: Path = CGROUP_ROOT,
         parent: str = DOCKER_CGROUP_PARENT,
         proc: Path = PROC_ROOT,
+        mount_sources: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
+        """`mount_sources`, when given, returns a container's host folders by mount point."""
         self.root = root
         self.parent = parent
         self.proc = proc
+        self.mount_sources = mount_sources
         # (container id, mount point) -> tmpfs device, read once from the mount table because
         # an agent cannot change its mounts.
         self._devices: dict[tuple[str, str], tuple[int, int]] = {}
+        # (container id, mount point) -> host folder, when mount_sources is given.
+        self._sources: dict[tuple[str, str], str] = {}
 
     def forget(self, container_id: str) -> None:
         """Drop what is cached about a container that is gone."""
-        for key in [key for key in self._devices if key[0] == container_id]:
-            del self._devices[key]
+        for cache in (self._devices, self._sources):
+            for key in [key for key in cache if key[0] == container_id]:
+                del cache[key]
 
     def directory(self, controller: str, container_id: str) -> str:
         """Return the cgroup directory of `container_id` under `controller`.
@@ -217,6 +229,8 @@ class CgroupReader:
         (as under gVisor, whose tmpfs lives inside its own kernel), or when the path leads to
         another device.
         """
+        if self.mount_sources is not None:
+            return self._measure_source(container_id, mount_point)
         try:
             pids = _read_text(f"{self.directory('pids', container_id)}/cgroup.procs").split()
         except CgroupUnavailable as exc:
@@ -238,30 +252,66 @@ class CgroupReader:
             if device is None:
                 raise DiskUnavailable(mount_point, f"process {pid} has no tmpfs mounted there")
             self._devices[(container_id, mount_point)] = device
-        path = f"{self.proc}/{pid}/root{mount_point}"
+        return _measure_tmpfs(mount_point, f"{self.proc}/{pid}/root{mount_point}", device)
+
+    def _measure_source(self, container_id: str, mount_point: str) -> DiskReading:
+        """Measure the host tmpfs that is mounted at `mount_point` of the container."""
+        key = (container_id, mount_point)
+        source = self._sources.get(key)
+        if source is None:
+            assert self.mount_sources is not None
+            try:
+                source = self.mount_sources(container_id).get(mount_point)
+            except SupervisorError as exc:
+                raise DiskUnavailable(mount_point, str(exc)) from exc
+            if source is None:
+                raise DiskUnavailable(mount_point, "the container has no volume mounted there")
+            self._sources[key] = source
+        device = self._devices.get(key)
+        if device is None:
+            try:
+                device = _tmpfs_device(f"{self.proc}/self/mountinfo", source)
+            except FileNotFoundError as exc:
+                raise DiskUnavailable(mount_point, f"cannot read the mount table: {exc}") from exc
+            if device is None:
+                # Docker mounts the volume when the container starts and unmounts it when it
+                # stops, so this is also what a stopped container shows.
+                raise DiskUnavailable(mount_point, f"no tmpfs is mounted at {source} on the host")
+            self._devices[key] = device
         try:
-            descriptor = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise DiskUnavailable(mount_point, f"cannot open {path}: {exc.strerror}") from exc
-        try:
-            status = os.fstat(descriptor)
-            if (os.major(status.st_dev), os.minor(status.st_dev)) != device:
-                raise DiskUnavailable(
-                    mount_point,
-                    f"{path} is on device {os.major(status.st_dev)}:{os.minor(status.st_dev)}, "
-                    f"not on the tmpfs {device[0]}:{device[1]} that the mount table lists",
-                )
-            stats = os.fstatvfs(descriptor)
-        finally:
-            os.close(descriptor)
-        return DiskReading(
-            mount_point=mount_point,
-            used=(stats.f_blocks - stats.f_bfree) * stats.f_frsize,
-            size=stats.f_blocks * stats.f_frsize,
-            available=stats.f_bavail * stats.f_frsize,
-        )
+            return _measure_tmpfs(mount_point, source, device)
+        except FileNotFoundError as exc:
+            raise DiskUnavailable(mount_point, f"{source} is gone: {exc.strerror}") from exc
+
+
+def _measure_tmpfs(mount_point: str, path: str, device: tuple[int, int]) -> DiskReading:
+    """Measure the tmpfs at `path` after checking that it is on `device`.
+
+    Raises FileNotFoundError when `path` is missing, and DiskUnavailable otherwise.
+    """
+    try:
+        descriptor = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise DiskUnavailable(mount_point, f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        status = os.fstat(descriptor)
+        if (os.major(status.st_dev), os.minor(status.st_dev)) != device:
+            raise DiskUnavailable(
+                mount_point,
+                f"{path} is on device {os.major(status.st_dev)}:{os.minor(status.st_dev)}, "
+                f"not on the tmpfs {device[0]}:{device[1]} that the mount table lists",
+            )
+        stats = os.fstatvfs(descriptor)
+    finally:
+        os.close(descriptor)
+    return DiskReading(
+        mount_point=mount_point,
+        used=(stats.f_blocks - stats.f_bfree) * stats.f_frsize,
+        size=stats.f_blocks * stats.f_frsize,
+        available=stats.f_bavail * stats.f_frsize,
+    )
 
 
 def _tmpfs_device(mountinfo: str, mount_point: str) -> tuple[int, int] | None:

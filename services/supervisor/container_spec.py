@@ -13,10 +13,12 @@ can check the whole lockdown without a daemon. What each option defends against:
 - seccomp profile passed explicitly (seccomp.py): a daemon configured without one still
   confines agents. The AppArmor profile (apparmor.py) is added when the kernel enforces
   AppArmor.
+- under gVisor, /tmp and /dev/shm are host tmpfs volumes with the same options, which the
+  supervisor can measure (gvisor_options.py).
 - memory (swap included), CPU, pids and open-file limits; `oom_score_adj` makes the host's
   OOM killer pick an agent before a service.
 - port 80 published only on the bind address, on an ephemeral port.
-- no mounts, no privileged mode, private IPC and cgroup namespaces, log rotation by Docker.
+- no other mounts, no privileged mode, private IPC and cgroup namespaces, log rotation by Docker.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 from docker.types import LogConfig, Ulimit
 
-from services.supervisor.gvisor_dns import agent_mounts, nproc_ulimits
+from services.supervisor.gvisor_options import agent_mounts, agent_tmpfs, nproc_ulimits
 from services.supervisor.seccomp import profile_for_runtime
 from services.supervisor.settings import SupervisorSettings
 
@@ -112,11 +114,12 @@ def create_arguments(
         "security_opt": security_options(
             profile_for_runtime(seccomp_profile, settings.runtime), apparmor_profile
         ),
-        "tmpfs": {"/tmp": tmpfs_options(settings)},  # noqa: S108 - the agent's own tmpfs
+        "tmpfs": agent_tmpfs(settings, tmpfs_options(settings)),
         # Docker mounts /dev/shm as tmpfs with nosuid,nodev,noexec and mode 1777 (checked with
         # Docker 20.10 by tests/integration/test_filesystem_limits.py); this sets its size.
         "shm_size": int(settings.container_shm_limit),
-        # Under runsc only: a read-only resolv.conf naming the sandbox gateway (gvisor_dns.py).
+        # Under runsc only: a read-only resolv.conf naming the sandbox gateway, and /tmp and
+        # /dev/shm as host tmpfs volumes (gvisor_options.py).
         "mounts": agent_mounts(settings),
         "volumes": {},
         "mem_limit": memory,

@@ -285,6 +285,18 @@ class DockerAdapter:
             )
         return address
 
+    def volume_sources(self, container_id: str) -> dict[str, str]:
+        """Return the host folder of each volume of the container, by path inside it.
+
+        Raises DockerUnavailable when the container cannot be inspected.
+        """
+        mounts = self._get(container_id).attrs.get("Mounts") or []
+        return {
+            str(mount["Destination"]): str(mount["Source"])
+            for mount in mounts
+            if mount.get("Type") == "volume" and mount.get("Destination") and mount.get("Source")
+        }
+
     def status(self, container_id: str) -> ContainerStatus | None:
         """Return the container's state, or None when it no longer exists."""
         try:

@@ -94,7 +94,7 @@ class AgentManager:
         self.log_collector = log_collector
         self._seccomp_profile = seccomp_profile
         self._apparmor_profile = apparmor_profile
-        self.monitor = ResourceMonitor(settings)
+        self.monitor = ResourceMonitor(settings, mount_sources=docker.volume_sources)
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._stop_requested: set[str] = set()
         self._start_slots = asyncio.Semaphore(settings.max_concurrent_starts)
@@ -382,6 +382,21 @@ class AgentManager:
             if current is None or current.state != AgentState.READY:
                 return
             if not running:
+                if oom_killed:
+                    # The OOM killer ended the container's main process, as under gVisor, where
+                    # it picks the sandbox: the limit was reached even though no sample saw it.
+                    self.audit.emit(
+                        "agent.limit_reached",
+                        outcome=Outcome.INFO,
+                        actor=ACTOR,
+                        agent_id=current.agent_id,
+                        reason_code=StopReason.OUT_OF_MEMORY.value,
+                        details={
+                            "message": "Docker reports the container killed by the OOM killer "
+                            f"at the memory limit of {int(self.settings.container_memory_limit)} "
+                            "bytes"
+                        },
+                    )
                 exited = StopReason.OUT_OF_MEMORY if oom_killed else StopReason.EXITED
                 await self.terminate(current, exited)
             elif limit is not None:

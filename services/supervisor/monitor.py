@@ -20,28 +20,43 @@ re-armed when use drops below it again. State lives in memory, so after a superv
 a warning that was already emitted may be emitted again.
 
 Under gVisor (`--runtime=runsc`) Docker creates the same cgroups, but they hold the sandbox's
-host processes: memory and CPU are the agent's plus the sandbox kernel's, and pids counts
-the sandbox's host threads instead of the agent's processes. Its tmpfs mounts live inside
-the sandbox kernel, where the host cannot measure them, so disk is not monitored there.
+host processes: memory and CPU are the agent's plus the sandbox kernel's, and the pids cgroup
+counts the sandbox's host threads. The agent's process limit is RLIMIT_NPROC inside gVisor,
+where a fork at the limit fails with EAGAIN and nothing is counted on the host, so the
+monitor asks gVisor for the agent's task count (gvisor_stats.py) and stops the agent with
+`pids_limit_reached` once the count is at the limit. A count costs a runsc run, so it is
+refreshed only when the sandbox's host threads changed, when the last count was at or above
+the warning fraction, or every TASK_REFRESH_ROUNDS rounds. /tmp and /dev/shm are host tmpfs
+volumes under runsc (gvisor_options.py) and are measured on the host.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from libs.common import logs
 from libs.common.messages import ResourceUsage, StopReason
 from services.supervisor import metrics
-from services.supervisor.cgroups import CgroupReader, CgroupUnavailable, ResourceSample
+from services.supervisor.cgroups import (
+    CgroupReader,
+    CgroupUnavailable,
+    PidsReading,
+    ResourceSample,
+)
+from services.supervisor.gvisor_stats import GvisorStatsUnavailable, GvisorTasks
 from services.supervisor.settings import SupervisorSettings
 
 logger = logging.getLogger(__name__)
 
 # The tmpfs mounts an agent can write to; container_spec.py creates /tmp and Docker /dev/shm.
 DISK_MOUNT_POINTS = ("/tmp", "/dev/shm")  # noqa: S108 - paths inside the container
+# Under runsc, rounds after which gVisor's task count of an agent is read again even when
+# nothing suggests that it moved.
+TASK_REFRESH_ROUNDS = 30
 
 
 class Resource(StrEnum):
@@ -102,27 +117,46 @@ class AgentWatch:
     disk_peaks: dict[str, int] = field(default_factory=dict)
     lifetime_warned: bool = False
     reported_errors: set[str] = field(default_factory=set)
+    # Under runsc: gVisor's last task count, the host thread count when it was asked for, and
+    # the rounds since then. The last field is the host thread count at the pending request.
+    tasks: int | None = None
+    tasks_host_pids: int | None = None
+    tasks_age: int = 0
+    tasks_asked_host_pids: int | None = None
 
 
 class ResourceMonitor:
     """Sample agents' cgroups, decide warnings and limit stops, and keep usage for the record."""
 
-    def __init__(self, settings: SupervisorSettings, *, reader: CgroupReader | None = None) -> None:
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        *,
+        reader: CgroupReader | None = None,
+        mount_sources: Callable[[str], dict[str, str]] | None = None,
+        tasks: GvisorTasks | None = None,
+    ) -> None:
+        """`mount_sources` names a container's volume folders; runsc needs it for disk use."""
         self.fraction = settings.limit_warning_fraction
         self.lifetime_warning = timedelta(seconds=settings.lifetime_warning_seconds)
-        self.reader = reader or CgroupReader(
-            root=settings.cgroup_root, parent=settings.cgroup_parent
-        )
         self.mount_points: tuple[str, ...] = DISK_MOUNT_POINTS
+        self.tasks: GvisorTasks | None = None
+        self.nproc_limit = settings.container_pids_limit
         if settings.runtime == "runsc":
-            # TODO: measure gVisor's tmpfs mounts (docker exec df, or runsc's own metrics);
-            # until then a full /tmp or /dev/shm under runsc returns ENOSPC but stops nothing.
-            self.mount_points = ()
-            logger.warning(
-                "disk use of agents is not monitored under --runtime=runsc: gVisor keeps /tmp "
-                "and /dev/shm inside its own kernel, so a full tmpfs is not reported and does "
-                "not stop the agent"
+            self.tasks = tasks or GvisorTasks(
+                runsc=settings.runsc_binary, root=settings.runsc_state_root
             )
+            if mount_sources is None and reader is None:
+                self.mount_points = ()
+                logger.warning(
+                    "disk use of agents is not monitored: under --runtime=runsc it is read "
+                    "from the agents' volumes, and this monitor was given no way to find them"
+                )
+        self.reader = reader or CgroupReader(
+            root=settings.cgroup_root,
+            parent=settings.cgroup_parent,
+            mount_sources=mount_sources if settings.runtime == "runsc" else None,
+        )
         self._agents: dict[str, AgentWatch] = {}
 
     def sample_all(self, containers: dict[str, str]) -> dict[str, ResourceSample]:
@@ -141,7 +175,7 @@ class ResourceMonitor:
                 continue
             for mount_point, detail in sample.disk_errors.items():
                 self._report_once(agent_id, watch, mount_point, detail)
-            samples[agent_id] = sample
+            samples[agent_id] = self._agent_tasks(agent_id, watch, sample)
         return samples
 
     def sample_one(self, agent_id: str, container_id: str) -> None:
@@ -154,8 +188,54 @@ class ResourceMonitor:
         except CgroupUnavailable as exc:
             logger.debug("no final sample of agent %s: %s", agent_id, exc)
             return
-        self._watch(agent_id, container_id)
-        self.assess(agent_id, sample)
+        watch = self._watch(agent_id, container_id)
+        self.assess(agent_id, self._agent_tasks(agent_id, watch, sample))
+
+    def _agent_tasks(
+        self, agent_id: str, watch: AgentWatch, sample: ResourceSample
+    ) -> ResourceSample:
+        """Under runsc, put gVisor's count of the agent's tasks in place of the host's.
+
+        The limit becomes the agent's RLIMIT_NPROC. Forks refused at the sandbox's own host
+        limit stay counted, because gVisor fails when its threads reach that limit. A count
+        asked for in one round arrives in a later one. When gVisor cannot be asked, the last
+        count stands, or the host's reading when there is none.
+        """
+        if self.tasks is None:
+            return sample
+        container_id = watch.container_id
+        try:
+            count = self.tasks.result(container_id)
+        except GvisorStatsUnavailable as exc:
+            self._report_once(agent_id, watch, "gvisor tasks", str(exc))
+        else:
+            if count is not None:
+                watch.tasks = count
+                watch.tasks_host_pids = watch.tasks_asked_host_pids
+                watch.tasks_age = 0
+        watch.tasks_age += 1
+        host_pids = sample.pids.current
+        due = (
+            watch.tasks is None
+            or host_pids != watch.tasks_host_pids
+            or watch.tasks >= self.fraction * self.nproc_limit
+            or watch.tasks_age > TASK_REFRESH_ROUNDS
+        )
+        if due:
+            try:
+                if self.tasks.start(container_id):
+                    watch.tasks_asked_host_pids = host_pids
+            except GvisorStatsUnavailable as exc:
+                self._report_once(agent_id, watch, "gvisor tasks", str(exc))
+        if watch.tasks is None:
+            return sample
+        pids = PidsReading(
+            current=watch.tasks,
+            limit=self.nproc_limit,
+            peak=None,
+            limit_hits=sample.pids.limit_hits,
+        )
+        return replace(sample, pids=pids)
 
     def assess(self, agent_id: str, sample: ResourceSample) -> Assessment:
         """Fold `sample` into the agent's state and return the warnings and stop it calls for."""
@@ -210,7 +290,7 @@ class ResourceMonitor:
         """Drop an agent's state and metric series once its container is gone."""
         watch = self._agents.pop(agent_id, None)
         if watch is not None:
-            self.reader.forget(watch.container_id)
+            self._forget_container(watch.container_id)
         self.publish()
 
     def publish(self) -> None:
@@ -262,10 +342,15 @@ class ResourceMonitor:
         watch = self._agents.get(agent_id)
         if watch is None or (container_id is not None and watch.container_id != container_id):
             if watch is not None:
-                self.reader.forget(watch.container_id)
+                self._forget_container(watch.container_id)
             watch = AgentWatch(container_id=container_id or "")
             self._agents[agent_id] = watch
         return watch
+
+    def _forget_container(self, container_id: str) -> None:
+        self.reader.forget(container_id)
+        if self.tasks is not None:
+            self.tasks.cancel(container_id)
 
     def _report_once(self, agent_id: str, watch: AgentWatch, key: str, detail: str) -> None:
         if key in watch.reported_errors:
@@ -293,6 +378,13 @@ def _limit_stop(sample: ResourceSample) -> tuple[StopReason | None, str]:
         return (
             StopReason.PIDS_LIMIT_REACHED,
             f"{sample.pids.limit_hits} fork(s) refused at the pids limit of {sample.pids.limit}",
+        )
+    if sample.pids.limit is not None and sample.pids.current >= sample.pids.limit:
+        # Under runsc a refused fork is not counted anywhere the host can read, and at the
+        # limit the next fork fails.
+        return (
+            StopReason.PIDS_LIMIT_REACHED,
+            f"{sample.pids.current} tasks at the pids limit of {sample.pids.limit}",
         )
     for disk in sample.disks:
         if disk.available <= 0 and disk.size > 0:

@@ -36,7 +36,7 @@ from libs.common.messages import AuditOutcome
 from services.supervisor import metrics
 from services.supervisor.container_spec import AGENT_USER
 from services.supervisor.docker_adapter import DOCKER_ERRORS, DockerAdapter
-from services.supervisor.gvisor_dns import nproc_ulimits, resolv_conf_path, write_resolv_conf
+from services.supervisor.gvisor_options import nproc_ulimits, resolv_conf_path, write_resolv_conf
 from services.supervisor.settings import SupervisorSettings
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ async def check_runtime(
 ) -> RuntimeProbeResult:
     """Probe the agents' runtime and report the result in the log, metrics and audit trail.
 
-    Under runsc it first writes the agents' resolv.conf (gvisor_dns.py). Raises
+    Under runsc it first writes the agents' resolv.conf (gvisor_options.py). Raises
     ConfigurationError when that fails, and when --require-gvisor is on and the probe failed,
     after closing `audit` so that the runtime.probed event is stored before the supervisor
     exits.

@@ -238,6 +238,16 @@ class SupervisorSettings(CommonSettings):
         description="cgroup under which dockerd creates container cgroups (its "
         "--cgroup-parent; 'docker' with the cgroupfs driver).",
     )
+    runsc_binary: Path = Field(
+        Path("/usr/bin/runsc"),
+        description="gVisor's runsc, which the monitor runs as `runsc events --stats` under "
+        "--runtime=runsc to count each agent's processes inside its sandbox.",
+    )
+    runsc_state_root: Path = Field(
+        Path("/var/run/docker/runtime-runc/moby"),
+        description="runsc's --root, where Docker's containerd shim keeps the sandboxes' "
+        "state (Docker 20.10 uses runc's folder for every runc-compatible runtime).",
+    )
     firewall_registration_timeout: float = Field(
         10.0, gt=0, le=120, description="Seconds to wait for netguard to register an agent."
     )

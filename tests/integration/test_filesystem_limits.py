@@ -127,12 +127,10 @@ def test_root_filesystem_read_only(
         assert "Read-only file system" in lines[0] or "Permission denied" in lines[0]
 
 
-@pytest.mark.skipif(
-    agent_runtime() != "runc",
-    reason="runsc ignores RLIMIT_MSGQUEUE, and its queues live in each sandbox's own kernel",
-)
 def test_no_posix_message_queues(docker_client: docker.DockerClient, image: str) -> None:
-    # RLIMIT_MSGQUEUE is 0: every agent runs as the same user, whose queues share one limit.
+    # RLIMIT_MSGQUEUE is 0: under runc every agent runs as the same user, whose queues share
+    # one limit in the host's kernel. gVisor ignores the limit, but its queues live in the
+    # sandbox's own kernel and memory, so no agent reaches another's or the host's.
     lines = run_script(docker_client, image, "sysprobe mq_open")
 
-    assert lines == ["mq_open EMFILE"]
+    assert lines == ["mq_open EMFILE" if agent_runtime() == "runc" else "mq_open ok"]

@@ -18,7 +18,7 @@ import pytest
 
 from tests.integration.conftest import Tarball, make_tarball, trusted_sources
 from tests.support.images import build_echo_agent_image
-from tests.support.stack import FileServer, Stack, running_stack, wait_for_state
+from tests.support.stack import FileServer, Stack, agent_runtime, running_stack, wait_for_state
 from tests.support.stress import (
     CPU_LIFETIME,
     EXPECTED,
@@ -100,9 +100,13 @@ def test_each_stress_stopped_by_own_limit(
             lifetime = CPU_LIFETIME if kind == "cpu" else 300
             agent = start(api, stress_tarball, lifetime=lifetime, wait=False)
             agents[agent["agent_id"]] = kind
+        volumes = []
         for agent_id in agents:
             ready = wait_for_state(api, agent_id, {"ready", "stopped", "failed"}, timeout=60)
             assert ready["state"] == "ready", ready
+            volumes += agent_volumes(docker_client, ready["container_id"])
+        # Under runsc /tmp and /dev/shm are host tmpfs volumes, which must go with the agent.
+        assert len(volumes) == (2 * len(agents) if agent_runtime() == "runsc" else 0), volumes
         watched = list(agents)
         probe(api, echo["agent_id"], watched, samples=POLL_EVERY, seconds=60)
         before = probe(api, echo["agent_id"], watched, samples=LATENCY_SAMPLES, seconds=60)
@@ -164,6 +168,12 @@ def test_each_stress_stopped_by_own_limit(
         f"record GET p99: idle {p99(idle) * 1000:.2f} ms over {len(idle)} requests, "
         f"under stress {p99(loaded) * 1000:.2f} ms over {len(loaded)} requests"
     )
+
+
+def agent_volumes(client: docker.DockerClient, container_id: str) -> list[str]:
+    """Return the names of the container's volumes."""
+    mounts = client.containers.get(container_id).attrs["Mounts"]
+    return [mount["Name"] for mount in mounts if mount["Type"] == "volume"]
 
 
 def test_operator_stop_records_usage(limits_stack: Stack, stress_tarball: Tarball) -> None:

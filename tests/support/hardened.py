@@ -26,7 +26,7 @@ from docker.errors import NotFound
 
 from libs.common.settings import load_settings
 from services.supervisor.container_spec import AgentContainer, create_arguments
-from services.supervisor.gvisor_dns import RESOLV_CONF
+from services.supervisor.gvisor_options import RESOLV_CONF
 from services.supervisor.seccomp import load_seccomp_profile
 from services.supervisor.settings import SupervisorSettings
 from tests.support.images import BUSYBOX

@@ -161,3 +161,52 @@ def test_wrapper_program_rejects_before_runsc(
     assert message in entry["msg"]
     # runsc never ran, so it created no state folder.
     assert not state_root.exists()
+
+
+# The mounts Docker 20.10 writes for an agent under runsc: a read-only bind, a file Docker
+# binds read-write, a tmpfs volume, and Docker's own flags on /dev/mqueue.
+DOCKER_MOUNTS = [
+    ("/etc/resolv.conf", "bind", ["rbind", "rprivate", "ro"]),
+    ("/etc/hosts", "bind", ["rbind", "rprivate"]),
+    ("/tmp", "bind", ["rbind", "rprivate"]),
+    ("/dev/mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
+    ("/dev/shm", "bind", ["rbind", "nosuid"]),
+]
+
+
+def test_writable_binds_get_nosuid_nodev_noexec() -> None:
+    config = {
+        "mounts": [
+            {"destination": target, "type": kind, "source": "/s", "options": list(options)}
+            for target, kind, options in DOCKER_MOUNTS
+        ]
+    }
+
+    assert wrapper.harden_mounts(config) is True
+
+    options = {mount["destination"]: mount["options"] for mount in config["mounts"]}
+    assert options == {
+        "/etc/resolv.conf": ["rbind", "rprivate", "ro"],
+        "/etc/hosts": ["rbind", "rprivate", "nosuid", "nodev", "noexec"],
+        "/tmp": ["rbind", "rprivate", "nosuid", "nodev", "noexec"],
+        "/dev/mqueue": ["nosuid", "noexec", "nodev"],
+        "/dev/shm": ["rbind", "nosuid", "nodev", "noexec"],
+    }
+    assert wrapper.harden_mounts(config) is False
+
+
+@pytest.mark.parametrize("config", [{}, {"mounts": None}, {"mounts": [None, {"options": 3}]}, []])
+def test_odd_mount_lists_left_alone(config: Any) -> None:
+    assert wrapper.harden_mounts(config) is False
+
+
+def test_saved_config_keeps_mode(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+
+    wrapper.save_config(tmp_path, {"mounts": []})
+
+    assert json.loads(path.read_text()) == {"mounts": []}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["config.json"]

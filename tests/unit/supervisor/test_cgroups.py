@@ -196,3 +196,65 @@ def test_sample_lists_disk_errors(cgroup_root: Path, proc_root: Path) -> None:
     assert [disk.mount_point for disk in sample.disks] == ["/tmp"]
     assert list(sample.disk_errors) == ["/dev/shm"]
     assert sample.pids.limit_hits == 5
+
+
+def volume_reader(cgroup_root: Path, proc_root: Path, sources: dict[str, str]) -> CgroupReader:
+    """A reader that measures host folders, as under runsc, with `sources` by mount point."""
+    return CgroupReader(
+        root=cgroup_root, proc=proc_root, mount_sources=lambda container_id: sources
+    )
+
+
+def host_mountinfo(proc: Path, text: str) -> None:
+    (proc / "self").mkdir(exist_ok=True)
+    (proc / "self" / "mountinfo").write_text("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n" + text)
+
+
+def test_volume_disk_measured_on_host(cgroup_root: Path, proc_root: Path, tmp_path: Path) -> None:
+    volume = tmp_path / "volumes" / "v1" / "_data"
+    volume.mkdir(parents=True)
+    device = os.stat(volume).st_dev
+    host_mountinfo(
+        proc_root,
+        f"300 1 {os.major(device)}:{os.minor(device)} / {volume} rw,nosuid,nodev,noexec "
+        "- tmpfs tmpfs rw,size=8192k\n",
+    )
+    reader = volume_reader(cgroup_root, proc_root, {"/tmp": str(volume)})
+
+    disk = reader.disk(CONTAINER, "/tmp")
+
+    statvfs = os.statvfs(volume)
+    assert disk.mount_point == "/tmp"
+    assert disk.size == statvfs.f_blocks * statvfs.f_frsize
+
+
+def test_unmounted_volume_unavailable(cgroup_root: Path, proc_root: Path, tmp_path: Path) -> None:
+    # After the container stops Docker unmounts the volume, and the folder below must not be
+    # measured in its place.
+    volume = tmp_path / "volumes" / "v1" / "_data"
+    volume.mkdir(parents=True)
+    host_mountinfo(proc_root, "")
+    reader = volume_reader(cgroup_root, proc_root, {"/tmp": str(volume)})
+
+    with pytest.raises(DiskUnavailable, match=f"no tmpfs is mounted at {volume} on the host"):
+        reader.disk(CONTAINER, "/tmp")
+
+
+def test_volume_on_other_device_rejected(
+    cgroup_root: Path, proc_root: Path, tmp_path: Path
+) -> None:
+    volume = tmp_path / "volumes" / "v1" / "_data"
+    volume.mkdir(parents=True)
+    host_mountinfo(proc_root, f"300 1 0:9999 / {volume} rw - tmpfs tmpfs rw,size=8192k\n")
+    reader = volume_reader(cgroup_root, proc_root, {"/tmp": str(volume)})
+
+    with pytest.raises(DiskUnavailable, match="not on the tmpfs 0:9999"):
+        reader.disk(CONTAINER, "/tmp")
+
+
+def test_missing_volume_named(cgroup_root: Path, proc_root: Path) -> None:
+    host_mountinfo(proc_root, "")
+    reader = volume_reader(cgroup_root, proc_root, {})
+
+    with pytest.raises(DiskUnavailable, match="no volume mounted there"):
+        reader.disk(CONTAINER, "/dev/shm")

@@ -19,6 +19,7 @@ from services.supervisor.container_spec import (
     AgentContainer,
     create_arguments,
 )
+from services.supervisor.gvisor_options import tmpfs_volume
 from services.supervisor.seccomp import SHIPPED_PROFILE
 from services.supervisor.settings import SupervisorSettings
 
@@ -66,10 +67,9 @@ def arguments() -> dict[str, Any]:
         pytest.param(
             "security_opt", ["no-new-privileges:true", f"seccomp={SECCOMP}"], id="security-opt"
         ),
-        pytest.param(
-            "tmpfs", {"/tmp": f"rw,nosuid,nodev,noexec,size={32 * 1024**2},mode=1777"}, id="tmpfs"
-        ),
-        # Under runc the list is empty (tests/unit/supervisor/test_gvisor_dns.py).
+        # Under runsc /tmp is a host tmpfs volume; test_runc_tmpfs checks runc's.
+        pytest.param("tmpfs", {}, id="no-docker-tmpfs-under-runsc"),
+        # Under runc the list is empty (tests/unit/supervisor/test_gvisor_options.py).
         pytest.param(
             "mounts",
             [
@@ -78,16 +78,18 @@ def arguments() -> dict[str, Any]:
                     source="/var/lib/agent-runner/resolv/sandbox-test.conf",
                     type="bind",
                     read_only=True,
-                )
+                ),
+                tmpfs_volume("/tmp", 32 * 1024**2),
+                tmpfs_volume("/dev/shm", 8 * 1024**2),
             ],
-            id="resolv-conf-under-runsc",
+            id="resolv-conf-and-volumes-under-runsc",
         ),
         pytest.param("volumes", {}, id="no-volumes"),
         pytest.param("mem_limit", 1024**3, id="memory"),
         pytest.param("memswap_limit", 1024**3, id="no-swap"),
         pytest.param("mem_swappiness", 0, id="swappiness"),
         pytest.param("nano_cpus", 1_500_000_000, id="cpus"),
-        # Under runsc the cgroup bounds the sandbox and RLIMIT_NPROC the agent (test_gvisor_dns.py).
+        # Under runsc the cgroup bounds the sandbox and RLIMIT_NPROC the agent.
         pytest.param("pids_limit", 4096, id="sandbox-pids"),
         pytest.param(
             "ulimits",
@@ -161,6 +163,19 @@ def test_security_opt_has_no_unconfined(arguments: dict[str, Any]) -> None:
     assert [opt for opt in arguments["security_opt"] if "unconfined" in opt] == []
 
 
+def test_runc_tmpfs() -> None:
+    flags = [*SETTINGS_FLAGS[:-2], "--runtime", "runc", "--no-require-gvisor"]
+    settings = load_settings(SupervisorSettings, flags)
+    agent = AgentContainer(
+        agent_id=AGENT_ID, host_id="h", image_id=IMAGE_ID, image_digest=IMAGE_DIGEST
+    )
+
+    arguments = create_arguments(agent, settings=settings, seccomp_profile=SECCOMP)
+
+    assert arguments["tmpfs"] == {"/tmp": f"rw,nosuid,nodev,noexec,size={32 * 1024**2},mode=1777"}
+    assert arguments["mounts"] == []
+
+
 def test_environment_is_a_copy() -> None:
     settings = load_settings(SupervisorSettings, [])
     env = {"MODE": "test"}
@@ -185,7 +200,11 @@ def test_docker_py_accepts_arguments(arguments: dict[str, Any]) -> None:
     assert host_config["Memory"] == host_config["MemorySwap"]
     assert host_config["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.2", "HostPort": ""}]}
     assert host_config["NetworkMode"] == "sandbox-test"
-    assert [mount["Target"] for mount in host_config["Mounts"]] == ["/etc/resolv.conf"]
+    assert [mount["Target"] for mount in host_config["Mounts"]] == [
+        "/etc/resolv.conf",
+        "/tmp",
+        "/dev/shm",
+    ]
     assert "Binds" not in host_config
     assert "Privileged" not in host_config
     assert host_config["ShmSize"] == 8 * 1024**2
@@ -226,7 +245,7 @@ def test_no_apparmor_option_without_profile(arguments: dict[str, Any]) -> None:
     ],
 )
 def test_tmpfs_sizes_from_settings(flags: list[str], expected: tuple[int, int]) -> None:
-    settings = load_settings(SupervisorSettings, flags)
+    settings = load_settings(SupervisorSettings, [*flags, "--runtime=runc", "--no-require-gvisor"])
     agent = AgentContainer(
         agent_id=AGENT_ID, host_id="h", image_id=IMAGE_ID, image_digest=IMAGE_DIGEST
     )

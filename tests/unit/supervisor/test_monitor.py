@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,7 +21,8 @@ from services.supervisor.cgroups import (
     PidsReading,
     ResourceSample,
 )
-from services.supervisor.monitor import Resource, ResourceMonitor
+from services.supervisor.gvisor_stats import GvisorStatsUnavailable, GvisorTasks
+from services.supervisor.monitor import TASK_REFRESH_ROUNDS, Resource, ResourceMonitor
 from services.supervisor.settings import SupervisorSettings
 
 MIB = 1024 * 1024
@@ -79,6 +81,8 @@ def monitor() -> ResourceMonitor:
         ({}, None),
         ({"oom_kills": 1}, StopReason.OUT_OF_MEMORY),
         ({"pids_hits": 3}, StopReason.PIDS_LIMIT_REACHED),
+        ({"pids": 63}, None),
+        ({"pids": 64}, StopReason.PIDS_LIMIT_REACHED),
         ({"tmp_used": 8 * MIB}, StopReason.DISK_LIMIT_REACHED),
         ({"tmp_used": 8 * MIB - 4096}, None),
         ({"oom_kills": 1, "pids_hits": 3, "tmp_used": 8 * MIB}, StopReason.OUT_OF_MEMORY),
@@ -266,13 +270,127 @@ def test_final_sample_of_exited_container_keeps_earlier_usage() -> None:
     assert usage.memory_peak_bytes == 21 * MIB
 
 
-def test_runsc_skips_disk(caplog: pytest.LogCaptureFixture) -> None:
+class FakeTasks(GvisorTasks):
+    """Answer a started run at the next `result` with `value`, or fail when it is None."""
+
+    def __init__(self, value: int | None) -> None:
+        super().__init__(runsc=Path("/nonexistent/runsc"), root=Path("/nonexistent"))
+        self.value = value
+        self.calls = 0
+        self.pending: set[str] = set()
+
+    def start(self, container_id: str) -> bool:
+        if container_id in self.pending:
+            return False
+        self.calls += 1
+        self.pending.add(container_id)
+        return True
+
+    def result(self, container_id: str) -> int | None:
+        if container_id not in self.pending:
+            return None
+        self.pending.discard(container_id)
+        if self.value is None:
+            raise GvisorStatsUnavailable(f"runsc events failed for container {container_id}")
+        return self.value
+
+    def cancel(self, container_id: str) -> None:
+        self.pending.discard(container_id)
+
+
+def runsc_monitor(samples: dict[str, ResourceSample], tasks: FakeTasks) -> ResourceMonitor:
+    settings = load_settings(
+        SupervisorSettings,
+        ["--runtime=runsc", "--container-pids-limit=64", "--limit-warning-fraction=0.8"],
+    )
+    return ResourceMonitor(settings, reader=FakeReader(samples), tasks=tasks)
+
+
+def test_runsc_counts_tasks_inside_gvisor() -> None:
+    # 300 host threads belong to the sandbox; gVisor counts 5 tasks of the agent.
+    monitor = runsc_monitor({"c1": make_sample(pids=300)}, FakeTasks(5))
+
+    first = monitor.sample_all({AGENT: "c1"})[AGENT]
+    sample = monitor.sample_all({AGENT: "c1"})[AGENT]
+
+    # The count asked for in the first round arrives in the second.
+    assert first.pids.current == 300
+    assert (sample.pids.current, sample.pids.limit) == (5, 64)
+    assert monitor.assess(AGENT, sample).stop is None
+
+
+def test_runsc_stops_at_nproc_limit() -> None:
+    monitor = runsc_monitor({"c1": make_sample(pids=456)}, FakeTasks(64))
+
+    monitor.sample_all({AGENT: "c1"})
+    sample = monitor.sample_all({AGENT: "c1"})[AGENT]
+    assessment = monitor.assess(AGENT, sample)
+
+    assert assessment.stop == StopReason.PIDS_LIMIT_REACHED
+    assert assessment.detail == "64 tasks at the pids limit of 64"
+
+
+def test_runsc_asks_gvisor_only_when_count_may_move() -> None:
+    tasks = FakeTasks(5)
+    monitor = runsc_monitor({"c1": make_sample(pids=300)}, tasks)
+
+    # Round 1 asks, round 2 collects; then nothing moves for TASK_REFRESH_ROUNDS rounds.
+    for _ in range(TASK_REFRESH_ROUNDS + 1):
+        monitor.sample_all({AGENT: "c1"})
+    assert tasks.calls == 1
+
+    monitor.sample_all({AGENT: "c1"})
+    assert tasks.calls == 2
+
+    monitor.sample_all({AGENT: "c1"})
+    monitor.reader = FakeReader({"c1": make_sample(pids=310)})
+    monitor.sample_all({AGENT: "c1"})
+    assert tasks.calls == 3
+
+
+def test_runsc_asks_every_round_near_limit() -> None:
+    tasks = FakeTasks(60)
+    monitor = runsc_monitor({"c1": make_sample(pids=300)}, tasks)
+
+    for _ in range(4):
+        monitor.sample_all({AGENT: "c1"})
+
+    assert tasks.calls == 4
+
+
+def test_runsc_without_gvisor_count_keeps_host_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = runsc_monitor({"c1": make_sample(pids=300)}, FakeTasks(None))
+
+    monitor.sample_all({AGENT: "c1"})
+    second = monitor.sample_all({AGENT: "c1"})[AGENT]
+    monitor.sample_all({AGENT: "c1"})
+
+    assert second.pids.current == 300
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        f"cannot monitor gvisor tasks of agent {AGENT}: runsc events failed for container c1; "
+        "its limits are still enforced by the kernel but not reported"
+    ]
+
+
+def test_runsc_without_volume_lookup_skips_disk(caplog: pytest.LogCaptureFixture) -> None:
     settings = load_settings(SupervisorSettings, ["--runtime=runsc"])
 
     monitor = ResourceMonitor(settings)
 
     assert monitor.mount_points == ()
-    assert "not monitored under --runtime=runsc" in caplog.text
+    assert "disk use of agents is not monitored" in caplog.text
+
+
+def test_runsc_measures_volumes() -> None:
+    settings = load_settings(SupervisorSettings, ["--runtime=runsc"])
+
+    monitor = ResourceMonitor(settings, mount_sources=lambda container_id: {})
+
+    assert monitor.mount_points == ("/tmp", "/dev/shm")
+    assert monitor.reader.mount_sources is not None
 
 
 def test_runc_watches_both_tmpfs_mounts() -> None:

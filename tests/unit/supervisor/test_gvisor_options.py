@@ -1,4 +1,4 @@
-"""Container options that agents get under gVisor, and only there: resolv.conf and nproc."""
+"""Container options that agents get under gVisor, and only there: resolv.conf, volumes, nproc."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 from docker.types import Mount, Ulimit
 
 from libs.common.settings import load_settings
-from services.supervisor.gvisor_dns import (
+from services.supervisor.gvisor_options import (
     agent_mounts,
+    agent_tmpfs,
     nproc_ulimits,
     resolv_conf_path,
     write_resolv_conf,
@@ -40,14 +41,39 @@ def test_resolv_conf_mount_under_runsc(tmp_path: Path) -> None:
 
     mounts = agent_mounts(settings)
 
-    assert mounts == [
-        Mount(
-            target="/etc/resolv.conf",
-            source=str(tmp_path / "resolv" / "net-a.conf"),
-            type="bind",
-            read_only=True,
-        )
-    ]
+    assert mounts[0] == Mount(
+        target="/etc/resolv.conf",
+        source=str(tmp_path / "resolv" / "net-a.conf"),
+        type="bind",
+        read_only=True,
+    )
+
+
+def test_writable_volumes_under_runsc(tmp_path: Path) -> None:
+    settings = settings_for("runsc", tmp_path / "cache")
+
+    volumes = agent_mounts(settings)[1:]
+
+    assert [volume["Target"] for volume in volumes] == ["/tmp", "/dev/shm"]
+    for volume, size in zip(volumes, (64 * 1024**2, 16 * 1024**2), strict=True):
+        assert volume["Type"] == "volume"
+        assert volume["Source"] is None  # anonymous, so `docker rm -v` removes it
+        assert volume["VolumeOptions"]["NoCopy"] is True
+        assert volume["VolumeOptions"]["DriverConfig"] == {
+            "Name": "local",
+            "Options": {
+                "type": "tmpfs",
+                "device": "tmpfs",
+                "o": f"size={size},nosuid,nodev,noexec,mode=1777",
+            },
+        }
+    assert agent_tmpfs(settings, "rw,size=1") == {}
+
+
+def test_runc_tmp_is_docker_tmpfs(tmp_path: Path) -> None:
+    settings = settings_for("runc", tmp_path / "cache")
+
+    assert agent_tmpfs(settings, "rw,size=1") == {"/tmp": "rw,size=1"}
 
 
 def test_resolv_conf_names_gateway(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Container options that differ under gVisor: DNS, and where the process limit applies.
+"""Container options that differ under gVisor: DNS, writable storage and the process limit.
 
 On a user-defined network Docker writes `nameserver 127.0.0.11` into every container and
 serves DNS there from a socket in the container's network namespace. Under runsc, gVisor's own
@@ -6,6 +6,16 @@ network stack handles 127.0.0.11, so the query is refused (checked with Docker 2
 runsc 0.0~20221219). Agents under runsc therefore get a read-only bind mount of a resolv.conf
 that names the sandbox gateway, the address to which Docker's resolver forwards under runc;
 netguard redirects DNS to the gateway to the proxy's DNS filter under both runtimes.
+
+gVisor serves a container's tmpfs mounts from its own kernel's memory, where the host cannot
+measure them, so a full /tmp would only return ENOSPC and never be reported. Under runsc /tmp
+and /dev/shm are therefore anonymous Docker volumes of the local driver with type tmpfs:
+the host mounts a size-limited tmpfs with nosuid,nodev,noexec and mode 1777, gVisor's gofer
+serves it to the sandbox, and the supervisor measures it with statvfs on the host
+(cgroups.py). Docker removes anonymous volumes with the container (`docker rm -v`), and it
+unmounts them when the container stops, so nothing is written to disk. Docker cannot put
+nosuid, nodev or noexec on a volume inside the container; the gVisor wrapper runtime adds them
+to every writable bind mount, and gVisor enforces them (runtime/runsc_agent_runner.py).
 
 The pids cgroup of a gVisor container counts the sandbox's own host threads, so under runsc
 the agent's process limit is RLIMIT_NPROC, which gVisor enforces inside its kernel.
@@ -18,13 +28,15 @@ import os
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from docker.types import Mount, Ulimit
+from docker.types import DriverConfig, Mount, Ulimit
 
 from services.supervisor.settings import SupervisorSettings
 
 logger = logging.getLogger(__name__)
 
 RESOLV_CONF = "/etc/resolv.conf"
+TMP = "/tmp"  # noqa: S108 - a path inside the agent
+SHM = "/dev/shm"  # noqa: S108 - a path inside the agent
 
 
 def resolv_conf_path(settings: SupervisorSettings) -> Path:
@@ -58,14 +70,45 @@ def write_resolv_conf(settings: SupervisorSettings) -> Path:
 
 
 def agent_mounts(settings: SupervisorSettings) -> list[Mount]:
-    """Return the mounts an agent's runtime needs: none under runc, resolv.conf under runsc."""
+    """Return the mounts an agent's runtime needs: none under runc.
+
+    Under runsc: a read-only resolv.conf, and /tmp and /dev/shm as host tmpfs volumes.
+    """
     if settings.runtime != "runsc":
         return []
     return [
         Mount(
             target=RESOLV_CONF, source=str(resolv_conf_path(settings)), type="bind", read_only=True
-        )
+        ),
+        tmpfs_volume(TMP, int(settings.container_disk_limit)),
+        tmpfs_volume(SHM, int(settings.container_shm_limit)),
     ]
+
+
+def tmpfs_volume(target: str, size: int) -> Mount:
+    """Return an anonymous volume at `target`: a host tmpfs of `size` bytes that runs nothing.
+
+    no_copy keeps what the image has at `target` out of the volume, as a tmpfs mount would.
+    """
+    options = {
+        "type": "tmpfs",
+        "device": "tmpfs",
+        "o": f"size={size},nosuid,nodev,noexec,mode=1777",
+    }
+    return Mount(
+        target=target,
+        source=None,
+        type="volume",
+        no_copy=True,
+        driver_config=DriverConfig("local", options),
+    )
+
+
+def agent_tmpfs(settings: SupervisorSettings, options: str) -> dict[str, str]:
+    """Return the tmpfs mounts Docker makes: /tmp with `options` under runc, none under runsc."""
+    if settings.runtime == "runsc":
+        return {}
+    return {TMP: options}
 
 
 def nproc_ulimits(settings: SupervisorSettings) -> list[Ulimit]:
