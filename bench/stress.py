@@ -11,8 +11,9 @@ times. The runs before the stresses start and after every stress agent ended are
 the idle sample. The run from the moment all stresses are triggered until every stress agent
 ended is the loaded sample. The round prints p50, p90 and p99 of both (the "exclusive"
 method of `statistics.quantiles`, as in the test) and the p99 ratio loaded/idle against the
-target of 2. It also prints the stop reason of each stress agent and how many of the echo
-agent's checks succeeded.
+target of 2. It splits the loaded sample into requests begun while a stress agent was being
+stopped (STOP_WINDOW around its stopped_at) and the rest. It also prints the stop reason of
+each stress agent and how many of the echo agent's checks succeeded.
 
 Rounds reuse the stack and the images; agents are new each round. Everything the benchmark
 creates (agents, containers, network, images, tarballs, folder) is removed on success, on
@@ -29,6 +30,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import docker
@@ -66,6 +68,9 @@ ECHO_LIFETIME = 600
 READY_TIMEOUT = 60.0
 IDLE_SECONDS = 60.0
 LOG_TAIL_LINES = 20
+# Seconds before and after an agent's stopped_at during which its stop is under way: the
+# supervisor's decision, Docker's stop with --agent-stop-grace 1, removal and the record.
+STOP_WINDOW = (3.0, 0.5)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,10 @@ class Round:
     unfinished: list[str]
     echo_checks: list[bool]
     echo_alive: bool
+    # Loaded latencies split by whether the request began while a stress agent was being
+    # stopped (STOP_WINDOW around its stopped_at), to test whether the stops cause the tail.
+    near_stops: list[float]
+    away_from_stops: list[float]
 
     @property
     def ratio(self) -> float:
@@ -229,6 +238,12 @@ def run_round(api: httpx.Client, images: Images, deadline: Deadline) -> Round:
     stop_reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for agent_id, agent in loaded.final.items():
         stop_reasons[kinds[agent_id]][str(agent.get("stop_reason"))] += 1
+    stops = [
+        datetime.fromisoformat(agent["stopped_at"]).timestamp()
+        for agent in loaded.final.values()
+        if agent.get("stopped_at")
+    ]
+    near, away = split_by_stops(loaded.began, loaded.latencies, stops)
     return Round(
         idle=before.latencies + after.latencies,
         loaded=loaded.latencies,
@@ -236,7 +251,23 @@ def run_round(api: httpx.Client, images: Images, deadline: Deadline) -> Round:
         unfinished=sorted(set(kinds) - set(loaded.final)),
         echo_checks=loaded.echo_checks,
         echo_alive=echo_alive,
+        near_stops=near,
+        away_from_stops=away,
     )
+
+
+def split_by_stops(
+    began: list[float], latencies: list[float], stops: list[float]
+) -> tuple[list[float], list[float]]:
+    """Split latencies into those of requests begun within STOP_WINDOW of a stop, and the rest."""
+    before, after = STOP_WINDOW
+    near, away = [], []
+    for moment, latency in zip(began, latencies, strict=True):
+        if any(stop - before <= moment <= stop + after for stop in stops):
+            near.append(latency)
+        else:
+            away.append(latency)
+    return near, away
 
 
 def report_round(number: int, result: Round) -> None:
@@ -248,6 +279,16 @@ def report_round(number: int, result: Round) -> None:
         print(
             f"  {name:8}{len(latencies):9d} {p50 * 1000:7.2f} {p90 * 1000:7.2f} {p99 * 1000:7.2f}"
         )
+    for name, latencies in (
+        ("near stops", result.near_stops),
+        ("elsewhere", result.away_from_stops),
+    ):
+        if len(latencies) >= 2:
+            p50, p90, p99 = quantiles(latencies)
+            print(
+                f"  {name:10}{len(latencies):7d} {p50 * 1000:7.2f} {p90 * 1000:7.2f} "
+                f"{p99 * 1000:7.2f}  (loaded, by time)"
+            )
     verdict = "met" if result.ratio <= TARGET_RATIO else "missed"
     print(f"  p99 loaded/idle: {result.ratio:.2f} (target <= {TARGET_RATIO:g}: {verdict})")
 

@@ -121,6 +121,8 @@ class ProbeRun:
     """Latencies of the echo agent's record GETs, echo checks, and watched agents that ended."""
 
     latencies: list[float] = field(default_factory=list)
+    # Wall-clock time at which each measured request began, in step with `latencies`.
+    began: list[float] = field(default_factory=list)
     echo_checks: list[bool] = field(default_factory=list)
     final: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -141,6 +143,7 @@ def probe(
             break
         if samples is None and len(run.final) == len(watched):
             break
+        run.began.append(time.time())
         run.latencies.append(timed_get(api, f"/v1/agents/{echo_id}"))
         if len(run.latencies) % POLL_EVERY == 0:
             run.echo_checks.append(echo_answers(api, echo_id))
