@@ -95,18 +95,19 @@ def create_arguments(
     kernel has no AppArmor.
     """
     memory = int(settings.container_memory_limit)
+    labels = {
+        LABEL_MANAGED: "true",
+        LABEL_AGENT_ID: agent.agent_id,
+        LABEL_HOST_ID: agent.host_id,
+        LABEL_IMAGE_DIGEST: agent.image_digest,
+    }
     return {
         "image": agent.image_id,
         "name": container_name(agent.agent_id),
         "hostname": "agent",
         "user": AGENT_USER,
         "environment": dict(agent.env),
-        "labels": {
-            LABEL_MANAGED: "true",
-            LABEL_AGENT_ID: agent.agent_id,
-            LABEL_HOST_ID: agent.host_id,
-            LABEL_IMAGE_DIGEST: agent.image_digest,
-        },
+        "labels": labels,
         "detach": True,
         "read_only": True,
         "privileged": False,
@@ -120,7 +121,7 @@ def create_arguments(
         "shm_size": int(settings.container_shm_limit),
         # Under runsc only: a read-only resolv.conf naming the sandbox gateway, and /tmp and
         # /dev/shm as host tmpfs volumes (gvisor_options.py).
-        "mounts": agent_mounts(settings),
+        "mounts": agent_mounts(settings, labels),
         "volumes": {},
         "mem_limit": memory,
         "memswap_limit": memory,

@@ -25,6 +25,7 @@ from docker.types import CancellableStream, IPAMConfig, IPAMPool
 from libs.common import logs
 from services.supervisor.container_spec import (
     AGENT_PORT,
+    LABEL_AGENT_ID,
     LABEL_HOST_ID,
     LABEL_MANAGED,
 )
@@ -339,6 +340,47 @@ class DockerAdapter:
         logger.info(
             "removed container %s", container_id[:12], extra={logs.CONTAINER_ID: container_id}
         )
+
+    def remove_dangling_volumes(self, host_id: str, agent_id: str | None = None) -> list[str]:
+        """Remove our unused volumes for `host_id` (and `agent_id`); return their names.
+
+        `remove` takes an agent's volumes with its container, but a container removed by
+        someone else without `-v` leaves them behind. Volumes still in use are kept.
+        """
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_HOST_ID}={host_id}"]
+        if agent_id is not None:
+            labels.append(f"{LABEL_AGENT_ID}={agent_id}")
+        try:
+            volumes = self.client.volumes.list(filters={"label": labels, "dangling": True})
+        except DOCKER_ERRORS as exc:
+            raise DockerUnavailable(f"cannot list volumes: {exc}") from exc
+        removed = []
+        for volume in volumes:
+            owner = (volume.attrs.get("Labels") or {}).get(LABEL_AGENT_ID)
+            try:
+                volume.remove()
+            except docker.errors.NotFound:
+                continue
+            except docker.errors.APIError as exc:
+                # 409: a container started using it since the listing.
+                logger.warning(
+                    "kept volume %s of agent %s: %s",
+                    volume.name,
+                    owner,
+                    exc,
+                    extra={logs.AGENT_ID: owner},
+                )
+                continue
+            except DOCKER_ERRORS as exc:
+                raise DockerUnavailable(f"cannot remove volume {volume.name}: {exc}") from exc
+            logger.info(
+                "removed volume %s left by agent %s",
+                volume.name,
+                owner,
+                extra={logs.AGENT_ID: owner},
+            )
+            removed.append(str(volume.name))
+        return removed
 
     def logs(self, container_id: str, *, tail: int) -> list[RawLogLine]:
         """Return the last `tail` lines of each stream, oldest first."""

@@ -69,10 +69,11 @@ def write_resolv_conf(settings: SupervisorSettings) -> Path:
     return path
 
 
-def agent_mounts(settings: SupervisorSettings) -> list[Mount]:
+def agent_mounts(settings: SupervisorSettings, labels: dict[str, str] | None = None) -> list[Mount]:
     """Return the mounts an agent's runtime needs: none under runc.
 
-    Under runsc: a read-only resolv.conf, and /tmp and /dev/shm as host tmpfs volumes.
+    Under runsc: a read-only resolv.conf, and /tmp and /dev/shm as host tmpfs volumes that
+    carry `labels`, so that volumes left by a container removed without them can be found.
     """
     if settings.runtime != "runsc":
         return []
@@ -80,12 +81,12 @@ def agent_mounts(settings: SupervisorSettings) -> list[Mount]:
         Mount(
             target=RESOLV_CONF, source=str(resolv_conf_path(settings)), type="bind", read_only=True
         ),
-        tmpfs_volume(TMP, int(settings.container_disk_limit)),
-        tmpfs_volume(SHM, int(settings.container_shm_limit)),
+        tmpfs_volume(TMP, int(settings.container_disk_limit), labels),
+        tmpfs_volume(SHM, int(settings.container_shm_limit), labels),
     ]
 
 
-def tmpfs_volume(target: str, size: int) -> Mount:
+def tmpfs_volume(target: str, size: int, labels: dict[str, str] | None = None) -> Mount:
     """Return an anonymous volume at `target`: a host tmpfs of `size` bytes that runs nothing.
 
     no_copy keeps what the image has at `target` out of the volume, as a tmpfs mount would.
@@ -100,6 +101,7 @@ def tmpfs_volume(target: str, size: int) -> Mount:
         source=None,
         type="volume",
         no_copy=True,
+        labels=dict(labels or {}),
         driver_config=DriverConfig("local", options),
     )
 

@@ -483,6 +483,11 @@ class AgentManager:
             return
         await self.log_collector.finish(record.agent_id)
         await asyncio.to_thread(self.docker.remove, record.container_id)
+        if self.settings.runtime == "runsc":
+            # A container removed by someone else without -v leaves the agent's volumes.
+            await asyncio.to_thread(
+                self.docker.remove_dangling_volumes, self.host_id, record.agent_id
+            )
         if record.sandbox_address:
             try:
                 await self.firewall.register(

@@ -60,6 +60,8 @@ async def reconcile(manager: AgentManager) -> None:
             else FailureReason.SUPERVISOR_RESTARTED
         )
         await manager.fail(record, reason, "no container found after supervisor restart")
+    # Volumes of containers that someone removed without theirs (agents under runsc have two).
+    await asyncio.to_thread(manager.docker.remove_dangling_volumes, manager.host_id)
 
 
 async def _reconcile_container(manager: AgentManager, container: ContainerStatus) -> None:

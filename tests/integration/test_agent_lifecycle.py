@@ -60,7 +60,10 @@ def test_agent_runs_locked_down_and_stops(
     seccomp = [opt for opt in host_config["SecurityOpt"] if opt.startswith("seccomp=")]
     assert len(seccomp) == 1
     assert json.loads(seccomp[0].removeprefix("seccomp="))["defaultAction"] == "SCMP_ACT_ERRNO"
-    assert host_config["Tmpfs"] == {"/tmp": "rw,nosuid,nodev,noexec,size=67108864,mode=1777"}
+    if agent_runtime() == "runc":
+        assert host_config["Tmpfs"] == {"/tmp": "rw,nosuid,nodev,noexec,size=67108864,mode=1777"}
+    else:
+        assert "Tmpfs" not in host_config or not host_config["Tmpfs"]
     assert host_config["Memory"] == 512 * MIB
     assert host_config["MemorySwap"] == 512 * MIB
     assert host_config["NanoCpus"] == 1_000_000_000
@@ -75,11 +78,19 @@ def test_agent_runs_locked_down_and_stops(
     if agent_runtime() == "runc":
         assert container.attrs["Mounts"] == []
     else:
-        # Under runsc the only mount is the resolv.conf naming the sandbox gateway.
+        # Under runsc: the resolv.conf naming the sandbox gateway, and /tmp and /dev/shm as
+        # host tmpfs volumes labelled with the agent.
         mounts = container.attrs["Mounts"]
-        assert [(mount["Destination"], mount["RW"]) for mount in mounts] == [
-            ("/etc/resolv.conf", False)
+        assert sorted((mount["Destination"], mount["Type"], mount["RW"]) for mount in mounts) == [
+            ("/dev/shm", "volume", True),
+            ("/etc/resolv.conf", "bind", False),
+            ("/tmp", "volume", True),
         ]
+        for mount in mounts:
+            if mount["Type"] == "volume":
+                volume = docker_client.volumes.get(mount["Name"])
+                assert volume.attrs["Labels"]["io.agent-runner.agent-id"] == agent_id
+                assert volume.attrs["Options"]["type"] == "tmpfs"
     assert container.attrs["NetworkSettings"]["Networks"].keys() == {stack.network}
     published = container.attrs["NetworkSettings"]["Ports"]["80/tcp"]
     assert [binding["HostIp"] for binding in published] == ["127.0.0.1"]

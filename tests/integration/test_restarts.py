@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.conftest import Tarball
 from tests.support.images import build_echo_agent_image
-from tests.support.stack import Stack
+from tests.support.stack import Stack, agent_runtime
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +86,21 @@ def test_container_gone_during_restart_fails_agent(
     api: httpx.Client, stack: Stack, echo_tarball: Tarball, docker_client: docker.DockerClient
 ) -> None:
     agent = start_ready_agent(api, echo_tarball)
+    container = docker_client.containers.get(agent["container_id"])
+    volumes = [mount["Name"] for mount in container.attrs["Mounts"] if mount["Type"] == "volume"]
+    assert len(volumes) == (2 if agent_runtime() == "runsc" else 0), volumes
 
     stack.stop_service("supervisor")
-    docker_client.containers.get(agent["container_id"]).remove(force=True)
+    # Without -v, as an operator might: the agent's volumes stay behind for the supervisor.
+    container.remove(force=True)
     stack.start_supervisor()
 
     record = api.get(f"/v1/agents/{agent['agent_id']}").json()
     assert record["state"] == "failed"
     assert record["failure_reason"] == "container_missing"
+    for volume in volumes:
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.volumes.get(volume)
 
 
 def test_unknown_labelled_container_removed_at_start(

@@ -162,7 +162,7 @@ def _created(client: docker.DockerClient, arguments: dict[str, Any]) -> Iterator
     try:
         yield container
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)
 
 
 def _add(archive: tarfile.TarFile, file: ImageFile) -> None:

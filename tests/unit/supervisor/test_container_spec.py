@@ -26,6 +26,12 @@ from services.supervisor.settings import SupervisorSettings
 AGENT_ID = "ag-" + "0123456789abcdef" * 2
 IMAGE_ID = "sha256:" + "1" * 64
 IMAGE_DIGEST = "sha256:" + "2" * 64
+VOLUME_LABELS = {
+    "io.agent-runner.managed": "true",
+    "io.agent-runner.agent-id": AGENT_ID,
+    "io.agent-runner.host-id": "host-1",
+    "io.agent-runner.image-digest": IMAGE_DIGEST,
+}
 SECCOMP = '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[]}'
 # Values that differ from every default, so a hard-coded value cannot pass.
 SETTINGS_FLAGS = [
@@ -79,8 +85,8 @@ def arguments() -> dict[str, Any]:
                     type="bind",
                     read_only=True,
                 ),
-                tmpfs_volume("/tmp", 32 * 1024**2),
-                tmpfs_volume("/dev/shm", 8 * 1024**2),
+                tmpfs_volume("/tmp", 32 * 1024**2, VOLUME_LABELS),
+                tmpfs_volume("/dev/shm", 8 * 1024**2, VOLUME_LABELS),
             ],
             id="resolv-conf-and-volumes-under-runsc",
         ),

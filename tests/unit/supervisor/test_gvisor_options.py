@@ -52,13 +52,14 @@ def test_resolv_conf_mount_under_runsc(tmp_path: Path) -> None:
 def test_writable_volumes_under_runsc(tmp_path: Path) -> None:
     settings = settings_for("runsc", tmp_path / "cache")
 
-    volumes = agent_mounts(settings)[1:]
+    volumes = agent_mounts(settings, {"io.agent-runner.agent-id": "ag-1"})[1:]
 
     assert [volume["Target"] for volume in volumes] == ["/tmp", "/dev/shm"]
     for volume, size in zip(volumes, (64 * 1024**2, 16 * 1024**2), strict=True):
         assert volume["Type"] == "volume"
         assert volume["Source"] is None  # anonymous, so `docker rm -v` removes it
         assert volume["VolumeOptions"]["NoCopy"] is True
+        assert volume["VolumeOptions"]["Labels"] == {"io.agent-runner.agent-id": "ag-1"}
         assert volume["VolumeOptions"]["DriverConfig"] == {
             "Name": "local",
             "Options": {
