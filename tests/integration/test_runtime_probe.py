@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,6 +156,9 @@ def runsc_echo_tarball(docker_client: docker.DockerClient, served: FileServer) -
     tarball = make_tarball(docker_client, served, image_id, f"runsc-echo-{uuid.uuid4().hex}.tar")
     yield tarball
     tarball.path.unlink(missing_ok=True)
+    # The stack loaded it again from the tarball under the same ID.
+    with contextlib.suppress(docker.errors.NotFound):
+        docker_client.images.remove(image_id, force=True)
 
 
 def test_agent_runs_under_gvisor(
