@@ -1,10 +1,10 @@
 """Count an agent's processes inside its gVisor sandbox.
 
-Under runsc the pids cgroup holds the sandbox's host threads, which grow by about ten per
+Under runsc the pids cgroup contains the sandbox's host threads, which grow by about ten per
 process the agent starts and stay after it exits, so it tells little about the agent. gVisor's
-kernel counts the agent's own tasks and `runsc events --stats` reports that count as
-`pids.current`. Each run of runsc costs about 10 ms of CPU, so the monitor asks only when the
-count may have moved (monitor.py).
+kernel counts the agent's own tasks, and `runsc events --stats` prints that count as
+`pids.current`. Each run of runsc costs about 10 ms of CPU (bench/monitor.py), so the monitor
+requests a count only when it may have changed (monitor.py).
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ from pathlib import Path
 
 from services.supervisor.errors import SupervisorError
 
-# Sandboxes answer from inside the agent's CPU quota, so a busy one can take seconds.
+# Each sandbox replies from within its agent's CPU quota, so a busy one can take seconds.
 TIMEOUT = 30.0
 
 
 class GvisorStatsUnavailable(SupervisorError):
-    """`runsc events --stats` failed for a container, and the message says how."""
+    """Failure of `runsc events --stats` for a container; the message gives the cause."""
 
 
 class GvisorTasks:
-    """Runs `runsc --root ROOT events --stats ID` in the background, one run per container.
+    """Background runs of `runsc --root ROOT events --stats ID`, one per container at a time.
 
-    gVisor's kernel answers from inside the sandbox, which runs under the agent's CPU quota,
-    so a busy agent may take seconds to answer. `start` therefore only launches runsc and
-    `result` collects its answer in a later monitoring round, so one slow sandbox does not
-    hold up the monitoring of the others. Not thread-safe: the monitor calls it from one
-    thread at a time.
+    gVisor's kernel replies from inside the sandbox, which runs under the agent's CPU quota,
+    so a busy agent may take seconds to reply. `start` therefore only launches runsc, and
+    `result` collects the count in a later monitoring round, so one slow sandbox does not
+    delay the monitoring of the others. Not thread-safe: the monitor calls it from one thread
+    at a time.
     """
 
     def __init__(self, *, runsc: Path, root: Path, timeout: float = TIMEOUT) -> None:

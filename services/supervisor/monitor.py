@@ -23,7 +23,7 @@ Under gVisor (`--runtime=runsc`) Docker creates the same cgroups, but they hold 
 host processes: memory and CPU are the agent's plus the sandbox kernel's, and the pids cgroup
 counts the sandbox's host threads. The agent's process limit is RLIMIT_NPROC inside gVisor,
 where a fork at the limit fails with EAGAIN and nothing is counted on the host, so the
-monitor asks gVisor for the agent's task count (gvisor_stats.py) and stops the agent with
+monitor reads the agent's task count from gVisor (gvisor_stats.py) and stops the agent with
 `pids_limit_reached` once the count is at the limit. A count costs a runsc run, so it is
 refreshed only when the sandbox's host threads changed, when the last count was at or above
 the warning fraction, or every TASK_REFRESH_ROUNDS rounds. /tmp and /dev/shm are host tmpfs
@@ -117,12 +117,12 @@ class AgentWatch:
     disk_peaks: dict[str, int] = field(default_factory=dict)
     lifetime_warned: bool = False
     reported_errors: set[str] = field(default_factory=set)
-    # Under runsc: gVisor's last task count, the host thread count when it was asked for, and
+    # Under runsc: gVisor's last task count, the host thread count when it was requested, and
     # the rounds since then. The last field is the host thread count at the pending request.
     tasks: int | None = None
     tasks_host_pids: int | None = None
     tasks_age: int = 0
-    tasks_asked_host_pids: int | None = None
+    tasks_requested_host_pids: int | None = None
 
 
 class ResourceMonitor:
@@ -189,17 +189,18 @@ class ResourceMonitor:
             logger.debug("no final sample of agent %s: %s", agent_id, exc)
             return
         watch = self._watch(agent_id, container_id)
-        self.assess(agent_id, self._agent_tasks(agent_id, watch, sample))
+        # The container is about to stop, so a new runsc run would only be cancelled.
+        self.assess(agent_id, self._agent_tasks(agent_id, watch, sample, refresh=False))
 
     def _agent_tasks(
-        self, agent_id: str, watch: AgentWatch, sample: ResourceSample
+        self, agent_id: str, watch: AgentWatch, sample: ResourceSample, *, refresh: bool = True
     ) -> ResourceSample:
         """Under runsc, put gVisor's count of the agent's tasks in place of the host's.
 
         The limit becomes the agent's RLIMIT_NPROC. Forks refused at the sandbox's own host
         limit stay counted, because gVisor fails when its threads reach that limit. A count
-        asked for in one round arrives in a later one. When gVisor cannot be asked, the last
-        count stands, or the host's reading when there is none.
+        requested in one round arrives in a later one, and `refresh` False requests none. When
+        runsc fails, the last count is used, or the host's reading when there is none.
         """
         if self.tasks is None:
             return sample
@@ -211,7 +212,7 @@ class ResourceMonitor:
         else:
             if count is not None:
                 watch.tasks = count
-                watch.tasks_host_pids = watch.tasks_asked_host_pids
+                watch.tasks_host_pids = watch.tasks_requested_host_pids
                 watch.tasks_age = 0
         watch.tasks_age += 1
         host_pids = sample.pids.current
@@ -221,10 +222,10 @@ class ResourceMonitor:
             or watch.tasks >= self.fraction * self.nproc_limit
             or watch.tasks_age > TASK_REFRESH_ROUNDS
         )
-        if due:
+        if refresh and due:
             try:
                 if self.tasks.start(container_id):
-                    watch.tasks_asked_host_pids = host_pids
+                    watch.tasks_requested_host_pids = host_pids
             except GvisorStatsUnavailable as exc:
                 self._report_once(agent_id, watch, "gvisor tasks", str(exc))
         if watch.tasks is None:

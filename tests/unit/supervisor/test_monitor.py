@@ -271,7 +271,7 @@ def test_final_sample_of_exited_container_keeps_earlier_usage() -> None:
 
 
 class FakeTasks(GvisorTasks):
-    """Answer a started run at the next `result` with `value`, or fail when it is None."""
+    """Stand-in runs: the next `result` after `start` returns `value`, or fails when it is None."""
 
     def __init__(self, value: int | None) -> None:
         super().__init__(runsc=Path("/nonexistent/runsc"), root=Path("/nonexistent"))
@@ -330,11 +330,12 @@ def test_runsc_stops_at_nproc_limit() -> None:
     assert assessment.detail == "64 tasks at the pids limit of 64"
 
 
-def test_runsc_asks_gvisor_only_when_count_may_move() -> None:
+def test_runsc_count_refresh_rules() -> None:
     tasks = FakeTasks(5)
     monitor = runsc_monitor({"c1": make_sample(pids=300)}, tasks)
 
-    # Round 1 asks, round 2 collects; then nothing moves for TASK_REFRESH_ROUNDS rounds.
+    # Round 1 requests a count and round 2 collects it. Then nothing changes for
+    # TASK_REFRESH_ROUNDS rounds.
     for _ in range(TASK_REFRESH_ROUNDS + 1):
         monitor.sample_all({AGENT: "c1"})
     assert tasks.calls == 1
@@ -348,7 +349,7 @@ def test_runsc_asks_gvisor_only_when_count_may_move() -> None:
     assert tasks.calls == 3
 
 
-def test_runsc_asks_every_round_near_limit() -> None:
+def test_runsc_counts_each_round_near_limit() -> None:
     tasks = FakeTasks(60)
     monitor = runsc_monitor({"c1": make_sample(pids=300)}, tasks)
 
@@ -358,7 +359,16 @@ def test_runsc_asks_every_round_near_limit() -> None:
     assert tasks.calls == 4
 
 
-def test_runsc_without_gvisor_count_keeps_host_reading(
+def test_runsc_final_sample_starts_no_run() -> None:
+    tasks = FakeTasks(5)
+    monitor = runsc_monitor({"c1": make_sample(pids=300)}, tasks)
+
+    monitor.sample_one(AGENT, "c1")
+
+    assert tasks.calls == 0
+
+
+def test_runsc_failed_count_keeps_host(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monitor = runsc_monitor({"c1": make_sample(pids=300)}, FakeTasks(None))
@@ -375,7 +385,7 @@ def test_runsc_without_gvisor_count_keeps_host_reading(
     ]
 
 
-def test_runsc_without_volume_lookup_skips_disk(caplog: pytest.LogCaptureFixture) -> None:
+def test_runsc_no_volume_lookup_skips_disk(caplog: pytest.LogCaptureFixture) -> None:
     settings = load_settings(SupervisorSettings, ["--runtime=runsc"])
 
     monitor = ResourceMonitor(settings)
